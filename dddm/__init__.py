@@ -1,0 +1,1 @@
+"""Unified Directly Denoising Diffusion Models (uDDDM): the method and its machinery."""

@@ -1,0 +1,312 @@
+"""Dataset sources -> one prepared on-disk format, and loading it for training and scoring.
+
+The prepared format is an uncompressed Arrow IPC file holding one record batch:
+- `image`: fixed_size_list<uint8>[C*H*W], each row one image in CHW order, values 0..255;
+- `label`: int64.
+Schema metadata (all strings): channels, height, width, num_samples, num_classes, source and
+fingerprint, the sha256 of the shape, the image bytes and the labels (little-endian int64).
+Being uncompressed, the file is read through a memory map without copying: a batch reads only
+its own rows.
+
+Sources (`prepare_dataset`):
+- `digits`: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), 1 channel;
+- `cifar10`: `cifar-10-python.tar.gz` (or its extracted `cifar-10-batches-py` directory), the
+  50000 training images of data_batch_1..5, 3 channels;
+- `folder`: png/jpg/jpeg files found recursively, as RGB, resized so the short side is
+  `image_size` and center-cropped; when every image lies in a subfolder, the label is the index
+  of its first-level subfolder among the sorted names, else every label is 0.
+Paths may be local or any fsspec URL. All resizing is PIL's bilinear (antialiased when
+shrinking), whose 8-bit arithmetic is exact, so a fingerprint does not depend on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import posixpath
+import tarfile
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+SOURCES = ("digits", "cifar10", "folder")
+MIN_IMAGE_SIZE = 8
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+class DataError(ValueError):
+    """A dataset source or prepared file is missing, malformed or of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class PreparedInfo:
+    fingerprint: str
+    num_samples: int
+    channels: int
+    image_size: int
+    num_classes: int  # the largest label + 1
+    source: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing
+
+
+def prepare_dataset(source: str, path: str | None, image_size: int, out_path: str | Path, *,
+                    progress: bool = True) -> PreparedInfo:
+    """Read `source` (at `path`, a local path or fsspec URL; unused for digits), resize to
+    `image_size` and write the prepared file `out_path` atomically."""
+    if source not in SOURCES:
+        raise DataError(f"unknown data source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataError(f"{source}: image_size {image_size} is below the minimum {MIN_IMAGE_SIZE}")
+    if source == "digits":
+        images, labels = _read_digits(image_size, progress)
+    else:
+        fs, root = _locate(source, path)
+        reader = _read_cifar10 if source == "cifar10" else _read_folder
+        images, labels = reader(fs, root, path, image_size, progress)
+    return _write(images, labels, source, Path(out_path))
+
+
+def _locate(source: str, path: str | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    if not path:
+        raise DataError(f"{source}: a path is required (a local path or fsspec URL)")
+    try:
+        fs, root = fsspec.core.url_to_fs(str(path))
+        exists = fs.exists(root)
+    except (ImportError, ValueError, OSError) as e:
+        raise DataError(f"{source}: cannot open {path}: {e}") from e
+    if not exists:
+        raise DataError(f"{source}: {path} does not exist")
+    return fs, root.rstrip("/")
+
+
+def _read_digits(image_size: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # here: a 2 s import that only this source needs
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
+    return _resize(images, image_size, progress), digits.target.astype(np.int64)
+
+
+def _read_cifar10(fs: fsspec.AbstractFileSystem, root: str, path: str, image_size: int,
+                  progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    batches = {}
+    if fs.isdir(root):  # an extracted cifar-10-batches-py directory
+        for name in CIFAR_BATCHES:
+            if fs.isfile(f"{root}/{name}"):
+                with fs.open(f"{root}/{name}", "rb") as f:
+                    batches[name] = _load_cifar_batch(f, f"{path}/{name}")
+    else:
+        try:
+            with fs.open(root, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+                # Walked in order, never seeking back: a gzip stream rewinds by decompressing again.
+                for member in tqdm(tar, desc="cifar10", unit=" members", disable=not progress):
+                    name = posixpath.basename(member.name)
+                    if member.isfile() and name in CIFAR_BATCHES:
+                        batches[name] = _load_cifar_batch(tar.extractfile(member), f"{path}:{member.name}")
+        except (tarfile.TarError, EOFError, zlib.error) as e:
+            raise DataError(f"cifar10: {path} is not a CIFAR-10 archive (cifar-10-python.tar.gz): {e}") from e
+    missing = [name for name in CIFAR_BATCHES if name not in batches]
+    if missing:
+        raise DataError(f"cifar10: {path} is not a CIFAR-10 archive or cifar-10-batches-py directory: "
+                        f"no {', '.join(missing)}")
+    images = np.concatenate([batches[name][0] for name in CIFAR_BATCHES])
+    labels = np.concatenate([batches[name][1] for name in CIFAR_BATCHES])
+    return _resize(images, image_size, progress), labels
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's batches are pickles; this refuses any global but what a batch needs (numpy
+    arrays), so a hostile file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickled batch {b"data": uint8 (N, 3072) CHW rows, b"labels": N ints} -> (N, 3, 32, 32), labels."""
+    try:
+        batch = _CifarUnpickler(f, encoding="bytes").load()
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as e:  # garbage makes pickle raise nearly any exception type
+        raise DataError(f"cifar10: {where} is not a CIFAR-10 batch: {type(e).__name__}: {e}") from e
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),) \
+            or np.any((labels < 0) | (labels > 9)):
+        raise DataError(f"cifar10: {where} is not a CIFAR-10 batch: data {data.dtype} {data.shape}, "
+                        f"labels {labels.shape} (expected uint8 (N, 3072) and N labels in 0..9)")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _read_folder(fs: fsspec.AbstractFileSystem, root: str, path: str, image_size: int,
+                 progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    if not fs.isdir(root):
+        raise DataError(f"folder: {path} is not a directory")
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"folder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+    relative = [p[len(root):].lstrip("/") for p in files]
+    if all("/" in r for r in relative):
+        classes = sorted({r.split("/", 1)[0] for r in relative})
+        labels = np.array([classes.index(r.split("/", 1)[0]) for r in relative], dtype=np.int64)
+    else:
+        labels = np.zeros(len(files), dtype=np.int64)
+    images = np.empty((len(files), 3, image_size, image_size), dtype=np.uint8)
+    for i, file in enumerate(tqdm(files, desc="folder", unit=" images", disable=not progress)):
+        try:
+            with fs.open(file, "rb") as f:
+                image = Image.open(io.BytesIO(f.read())).convert("RGB")
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"folder: cannot decode image {file}: {e}") from e
+        images[i] = _chw(_center_crop(image, image_size))
+    return images, labels
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the short side is `size`, then cut the central size x size square."""
+    w, h = image.size
+    scale = size / min(w, h)
+    w, h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((w, h), RESAMPLE)
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _chw(image: Image.Image) -> np.ndarray:
+    a = np.asarray(image)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _resize(images: np.ndarray, size: int, progress: bool) -> np.ndarray:
+    """(N, C, h, w) uint8, C = 1 or 3 -> (N, C, size, size) uint8."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = np.empty(images.shape[:2] + (size, size), dtype=np.uint8)
+    for i in tqdm(range(len(images)), desc="resize", unit=" images", disable=not progress):
+        hwc = images[i].transpose(1, 2, 0)
+        out[i] = _chw(Image.fromarray(hwc[..., 0] if hwc.shape[2] == 1 else hwc).resize((size, size), RESAMPLE))
+    return out
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 over the shape (N, C, H, W), the uint8 image bytes and the labels as little-endian int64."""
+    h = hashlib.sha256(",".join(map(str, images.shape)).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.uint8).reshape(-1).data)
+    h.update(np.ascontiguousarray(labels, dtype="<i8").data)
+    return h.hexdigest()
+
+
+def _write(images: np.ndarray, labels: np.ndarray, source: str, out_path: Path) -> PreparedInfo:
+    n, c, h, w = images.shape
+    info = PreparedInfo(fingerprint=fingerprint(images, labels), num_samples=n, channels=c, image_size=h,
+                        num_classes=int(labels.max()) + 1, source=source)
+    metadata = {"channels": c, "height": h, "width": w, "num_samples": n, "num_classes": info.num_classes,
+                "source": source, "fingerprint": info.fingerprint}
+    image_column = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(images).reshape(-1)), c * h * w)
+    schema = pa.schema([("image", image_column.type), ("label", pa.int64())],
+                       metadata={k: str(v) for k, v in metadata.items()})
+    batch = pa.record_batch([image_column, pa.array(labels, type=pa.int64())], schema=schema)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            with pa.ipc.new_file(f, schema) as writer:
+                writer.write_batch(batch)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """A prepared file, memory-mapped. Items are (image float (C, H, W) in [-1, 1], label, index)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no prepared dataset there (run the prepare stage)")
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(self.path), "r"))
+            schema, num_batches = reader.schema, reader.num_record_batches
+            batch = reader.get_batch(0) if num_batches == 1 else None
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.path}: not a prepared dataset (unreadable or truncated Arrow file): {e}") from e
+        self.info = _validate(self.path, schema, batch)
+        c, s = self.info.channels, self.info.image_size
+        # Zero-copy views on the memory map; indexing them reads only the rows asked for.
+        self._images = batch.column("image").values.to_numpy(zero_copy_only=True).reshape(-1, c, s, s)
+        self._labels = batch.column("label").to_numpy(zero_copy_only=True)
+
+    def __len__(self) -> int:
+        return self.info.num_samples
+
+    def images(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """float32 (B, C, H, W) in [-1, 1], u / 127.5 - 1 for the stored uint8 u."""
+        return torch.from_numpy(self._images[_index_array(indices)]).float().div_(127.5).sub_(1.0)
+
+    def labels(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self._labels[_index_array(indices)])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.images([i])[0], int(self._labels[i]), i
+
+    def __reduce__(self):
+        # Reopen by path in DataLoader worker processes instead of pickling the memory map.
+        return PreparedDataset, (self.path,)
+
+
+def _index_array(indices) -> np.ndarray:
+    return np.atleast_1d(np.asarray(indices, dtype=np.int64))
+
+
+def _validate(path: Path, schema: pa.Schema, batch: pa.RecordBatch | None) -> PreparedInfo:
+    def bad(why: str) -> DataError:
+        return DataError(f"{path}: not a prepared dataset: {why}")
+
+    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    missing = [k for k in ("channels", "height", "width", "num_samples", "num_classes", "source", "fingerprint")
+               if k not in meta]
+    if missing:
+        raise bad(f"metadata lacks {', '.join(missing)}")
+    try:
+        c, h, w, n, k = (int(meta[key]) for key in ("channels", "height", "width", "num_samples", "num_classes"))
+    except ValueError as e:
+        raise bad(f"metadata: {e}") from e
+    image_type = pa.list_(pa.uint8(), c * h * w)
+    if schema.names != ["image", "label"] or schema.field("image").type != image_type \
+            or schema.field("label").type != pa.int64():
+        raise bad(f"columns {schema} (expected image: {image_type}, label: int64)")
+    if h != w:
+        raise bad(f"images are {h}x{w}, not square")
+    if batch is None or batch.num_rows != n:
+        raise bad(f"expected one record batch of {n} rows")
+    if batch.column("image").offset or batch.column("image").null_count or batch.column("label").null_count:
+        raise bad("sliced or null entries")
+    return PreparedInfo(fingerprint=meta["fingerprint"], num_samples=n, channels=c, image_size=h, num_classes=k,
+                        source=meta["source"])

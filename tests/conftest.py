@@ -1,0 +1,69 @@
+"""Shared fixtures: the repository's params.yaml as a dict, tiny configurations, a repo copy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def repo_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge nested overrides into a copy of base."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+TINY = {
+    "data": {"image_size": 8},
+    "model": {"base_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
+              "dropout": 0.0, "num_heads": 2},
+    "diffusion": {"vp": {"T": 100}, "ve": {"T": 100}},
+    "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0},
+    "sample": {"steps": [1, 2], "num_samples": 16, "batch_size": 16},
+}
+
+
+def tiny_params(**overrides) -> dict:
+    return merge(merge(repo_params(), TINY), overrides)
+
+
+def run_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    """The repository's tracked and untracked-but-not-ignored files in a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    dest = tmp_path / "repo"
+    for name in files:
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,47 @@
+"""The DVC pipeline end to end: real `dvc repro` in a copy of the repository."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import run_env, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(repo, *args):
+    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(), capture_output=True, text=True, timeout=900)
+
+
+def test_dvc_repro_end_to_end_then_noop_then_sample_only(repo_copy):
+    write_params(repo_copy, tiny_params())
+    first = dvc(repo_copy, "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    info = json.loads((repo_copy / "data/prepared.json").read_text())
+    assert info["num_samples"] == 1797 and info["channels"] == 1 and info["image_size"] == 8
+    assert (repo_copy / "out/train/model.pt").is_file()
+    assert "loss" in (repo_copy / "out/train/loss.tsv").read_text().splitlines()[0]
+    for steps in (1, 2):
+        images = np.load(repo_copy / f"out/samples/{steps}-step.npz")["images"]
+        assert images.shape == (16, 1, 8, 8) and images.dtype == np.uint8
+        assert (repo_copy / f"out/samples/{steps}-step.png").stat().st_size > 0
+
+    again = dvc(repo_copy, "repro")
+    assert again.returncode == 0, again.stderr
+    assert "Running stage" not in again.stdout, again.stdout
+
+    write_params(repo_copy, tiny_params(sample={"num_samples": 8}))
+    third = dvc(repo_copy, "repro")
+    assert third.returncode == 0, third.stderr
+    ran = [line for line in third.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'sample':"], third.stdout
+    assert np.load(repo_copy / "out/samples/1-step.npz")["images"].shape[0] == 8
+
+
+def test_bad_parameter_stops_the_stage_naming_the_key(repo_copy):
+    write_params(repo_copy, tiny_params(diffusion={"kind": "subvp"}))
+    result = dvc(repo_copy, "repro")
+    assert result.returncode != 0
+    assert "diffusion.kind" in result.stderr + result.stdout

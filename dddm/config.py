@@ -6,6 +6,7 @@ parameter stops a stage before any heavy work.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,11 @@ class SampleConfig(_Section):
     batch_size: int = Field(ge=1)
 
 
+class TrackingConfig(_Section):
+    experiment: str = Field(min_length=1)  # MLflow experiment name
+    grid_every_epochs: int = Field(ge=0)  # EMA sample grids (1 and 2 steps) as artifacts; 0 = none
+
+
 class Config(_Section):
     """All of params.yaml. No defaults here: params.yaml is the one source of values."""
 
@@ -104,6 +110,7 @@ class Config(_Section):
     train: TrainConfig
     store: StoreConfig
     sample: SampleConfig
+    tracking: TrackingConfig
 
     def make_diffusion(self) -> Diffusion:
         d = self.diffusion
@@ -151,6 +158,17 @@ def _format(error: ValidationError, source: str) -> str:
         shown = "" if e["type"] == "missing" else f" (got {e['input']!r})"
         lines.append(f"{source}: {key}: {e['msg']}{shown}")
     return "\n".join(lines)
+
+
+def merge_params(base: dict, overrides: dict) -> dict:
+    """A copy of `base` with the nested `overrides` laid over it (presets, test configurations)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_params(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def parse_config(raw: dict, source: str = "params") -> Config:

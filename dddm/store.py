@@ -8,11 +8,11 @@ values)` stores new ones, in the storage dtype chosen by the run (float32, float
 Backends (`open_store` chooses; `store.policy` = auto | device | arrow):
 - `DeviceStore`: one tensor on the training device (GPU memory, or RAM when training on CPU).
 - `ArrowStore`: an uncompressed Arrow IPC file on local disk, memory-mapped and updated in place.
-  Reads index the mapped Arrow buffers directly (zero-copy views, no deserialisation); writes
-  are one `pwrite` per row into the same buffers (cheaper than stores into the map, see
-  `_FileTable`); when the file is larger than about half the available RAM, a gather first asks
-  the kernel for all its rows at once (madvise WILLNEED). The file stays a valid Arrow file that
-  `pyarrow.ipc.open_file` (or any Arrow reader) opens at any time.
+  Reads and writes index the mapped Arrow buffers directly (zero-copy views, no
+  deserialisation). When the file is larger than about half the available RAM, a gather first
+  asks the kernel for all its rows at once (madvise WILLNEED) and a scatter writes with one
+  `pwrite` per row, which never reads the page it replaces (see `_FileTable`). The file stays a
+  valid Arrow file that `pyarrow.ipc.open_file` (or any Arrow reader) opens at any time.
 `auto` takes the device unless the store would exceed `budget_fraction` of the free GPU memory
 (CPU: of the available RAM), and logs the decision with the sizes.
 
@@ -77,16 +77,18 @@ count, seed, dataset fingerprint, rank and world size match the run; any mismatc
 name the same file (by a random id written into the file at creation) as the store it is loaded
 into: estimates are never silently re-initialised.
 
-File layout (one record batch; schema metadata `dddm.x0_store` holds the JSON description):
+File layout (schema metadata `dddm.x0_store` holds the JSON description; one record batch, or
+several of `rows_per_batch` rows when a slot has more than 2^31 - 1 values -- the array length
+every Arrow implementation reads -- e.g. ImageNet 64x64's 15.7e9):
     est_0, est_1  arrow.fixed_shape_tensor<value, sample_shape>  the two slots (value: float32,
                   float16, or uint16 holding raw bfloat16 bits -- Arrow has no bfloat16)
     index         int64   the dataset index of each row (this rank's owned indices, ascending)
     latest        uint8   which slot held the newest estimate of each row at the last
                           state_dict / begin_epoch / close; informational, the checkpoint's
                           state is authoritative
-`read_store_file(path)` returns the newest estimates with plain pyarrow. `est_0` starts page
-aligned; `est_1` is left as a hole (sparse) until written, so a new store takes about one
-buffer of disk space.
+`read_store_file(path)` returns the newest estimates with plain pyarrow. The first `est_0`
+buffer starts page aligned; `est_1` is left as a hole (sparse) until written, so a new store
+takes one slot of disk space, and both after its first epoch.
 """
 
 from __future__ import annotations
@@ -231,11 +233,12 @@ def _unpack(packed, n: int, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- host row tables
 
 class _HostTable:
-    """A (rows, numel) array in host memory (RAM or a memory map) seen in the storage dtype."""
+    """A (rows, numel) array in host memory seen in the storage dtype (the device store on CPU)."""
 
     def __init__(self, array: np.ndarray, dtype: _Dtype):
         self.array = array
         self.dtype = dtype
+        self.numel = array.shape[1]
         self.tensor = torch.from_numpy(array) if array.flags.writeable else None
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
@@ -252,36 +255,64 @@ class _HostTable:
         self.array[rows] = values.contiguous().view(self.dtype.bits_torch).numpy()
 
 
-class _FileTable(_HostTable):
-    """A table inside the memory-mapped store file. Reads index the map (zero-copy view of the
-    Arrow buffer); writes go through pwrite on the file descriptor instead of stores into the map.
-    Both meet in the page cache, but a store into a mapped page that the kernel has written back
-    (it does every few seconds) takes a write fault per 4 KB page, and one into a page not in
-    memory first reads it from disk; one pwrite per row costs a few microseconds whatever the row
-    size and never reads. With `prefetch`, a gather first asks the kernel to read all its rows at
-    once (madvise WILLNEED), instead of one page fault after another: for stores larger than RAM."""
+class _FileTable:
+    """One slot of the store file: its rows, in one or more record batches of `chunk_rows` rows,
+    each a zero-copy view of the Arrow buffer in the memory map. Reads index the map, writes store
+    into it. When the file is larger than about half the RAM (`from_disk`), most rows are not in
+    the page cache: then a gather first asks the kernel for all its rows at once (madvise
+    WILLNEED) instead of faulting them in one page after another, and a scatter writes with one
+    pwrite per row, because a store into a mapped page that is not in memory first reads that page
+    from disk (a pwrite of whole pages does not). For a file in the page cache, stores into the map
+    are the faster path (measured here: also after writeback, when the first store into each page
+    takes a write fault)."""
 
-    def __init__(self, array: np.ndarray, dtype: _Dtype, mm: mmap.mmap, fd: int | None, file_offset: int,
-                 prefetch: bool):
-        super().__init__(array, dtype)
-        self.mm, self.fd, self.file_offset, self.prefetch = mm, fd, file_offset, prefetch
-        self.row_bytes = array.shape[1] * dtype.itemsize
+    def __init__(self, arrays: list[np.ndarray], chunk_rows: int, offsets: list[int], dtype: _Dtype,
+                 mm: mmap.mmap, fd: int | None, from_disk: bool):
+        self.parts = [_HostTable(a, dtype) for a in arrays]
+        self.chunk_rows, self.offsets = chunk_rows, np.asarray(offsets, dtype=np.int64)
+        self.dtype, self.mm, self.fd, self.from_disk = dtype, mm, fd, from_disk
+        self.numel = arrays[0].shape[1]
+        self.row_bytes = self.numel * dtype.itemsize
+
+    def _file_offsets(self, rows: np.ndarray) -> np.ndarray:
+        chunk = rows // self.chunk_rows
+        return self.offsets[chunk] + (rows - chunk * self.chunk_rows) * self.row_bytes
+
+    def _split(self, rows: np.ndarray):
+        """(chunk, positions in rows, rows within the chunk) per record batch the rows touch."""
+        chunk = rows // self.chunk_rows
+        for c in np.unique(chunk).tolist():
+            pos = np.flatnonzero(chunk == c)
+            yield c, pos, rows[pos] - c * self.chunk_rows
 
     def take(self, rows: np.ndarray) -> torch.Tensor:
-        if self.prefetch and len(rows):
+        if self.from_disk and len(rows):
             rb, mask = self.row_bytes, ~(mmap.PAGESIZE - 1)
-            for start in (self.file_offset + np.sort(rows) * rb).tolist():
+            for start in np.sort(self._file_offsets(rows)).tolist():
                 page = start & mask
                 self.mm.madvise(mmap.MADV_WILLNEED, page, start + rb - page)
-        return super().take(rows)
+        if len(self.parts) == 1:
+            return self.parts[0].take(rows)
+        out = np.empty((len(rows), self.numel), dtype=self.dtype.bits)
+        for c, pos, local in self._split(rows):
+            out[pos] = self.parts[c].array[local]
+        return torch.from_numpy(out).view(self.dtype.torch)
 
     def put(self, rows: np.ndarray, values: torch.Tensor) -> None:
         if self.fd is None:
             raise StoreError("the store file is open read-only")
-        data = memoryview(values.contiguous().view(self.dtype.bits_torch).numpy()).cast("B")
-        rb, base, fd = self.row_bytes, self.file_offset, self.fd
-        for k in np.argsort(rows, kind="stable").tolist():  # ascending file offsets
-            if os.pwrite(fd, data[k * rb:(k + 1) * rb], base + int(rows[k]) * rb) != rb:
+        data = values.contiguous().view(self.dtype.bits_torch).numpy()
+        if not self.from_disk:
+            if len(self.parts) == 1:
+                self.parts[0].array[rows] = data
+            else:
+                for c, pos, local in self._split(rows):
+                    self.parts[c].array[local] = data[pos]
+            return
+        view, rb, fd = memoryview(data).cast("B"), self.row_bytes, self.fd
+        starts = self._file_offsets(rows)
+        for k in np.argsort(starts, kind="stable").tolist():  # ascending file offsets
+            if os.pwrite(fd, view[k * rb:(k + 1) * rb], int(starts[k])) != rb:
                 raise OSError(f"short write to the store file at row {int(rows[k])}")
 
 
@@ -407,7 +438,8 @@ class EstimateStore:
     def gather(self, indices) -> torch.Tensor:
         """Estimates for the dataset indices as float32 (len, *sample_shape) on the training device:
         each sample's estimate as of the start of this epoch. Repeated indices get the same value;
-        an index already scattered this epoch raises StoreError."""
+        an index already scattered this epoch raises StoreError. `indices`: 1-D integers (tensor,
+        array or list); they are checked on the host, so CPU indices avoid a device sync."""
         self._check_started()
         local = self._local(indices)
         if self._written[local].any():
@@ -456,8 +488,10 @@ class EstimateStore:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from a checkpoint's `state_dict()`, of either backend."""
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
-            raise StoreError(f"{self.describe()}: not an x0 store state (format {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        if found != FORMAT:
+            raise StoreError(f"{self.describe()}: the checkpoint's store state is not an x0 store state "
+                             f"(format {found!r}, expected {FORMAT!r})")
         if state.get("version") != FORMAT_VERSION:
             raise StoreError(f"{self.describe()}: store state version {state.get('version')} "
                              f"(this code reads version {FORMAT_VERSION})")
@@ -613,14 +647,14 @@ class DeviceStore(EstimateStore):
 
 # ----------------------------------------------------------------------------- Arrow backend
 
-def _read_slots(tables: list[_HostTable], rows: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+def _read_slots(tables: list[_FileTable], rows: np.ndarray, slots: np.ndarray) -> torch.Tensor:
     """tables[slots[k]][rows[k]] for every k (storage dtype, CPU)."""
     if len(rows) == 0:
         return tables[0].take(rows)
     first = int(slots[0])
     if (slots == first).all():
         return tables[first].take(rows)
-    out = torch.empty((len(rows), tables[0].array.shape[1]), dtype=tables[0].dtype.torch)
+    out = torch.empty((len(rows), tables[0].numel), dtype=tables[0].dtype.torch)
     for s in (0, 1):
         pick = np.flatnonzero(slots == s)
         out[torch.from_numpy(pick)] = tables[s].take(rows[pick])
@@ -667,7 +701,7 @@ class ArrowStore(EstimateStore):
     def describe(self) -> str:
         return str(self.path)
 
-    def _tables(self) -> list[_HostTable]:
+    def _tables(self) -> list[_FileTable]:
         if self._file is None:
             raise StoreError(f"{self.path}: the store is closed")
         return self._file.tables
@@ -695,7 +729,7 @@ class ArrowStore(EstimateStore):
 
     def _update_mirror(self) -> None:
         if self._file is not None and self._file.writable:
-            self._file.latest[:] = self._slot ^ self._written
+            self._file.set_latest(self._slot ^ self._written)
 
     def flush(self) -> None:
         if self._file is not None and self._file.writable:
@@ -727,16 +761,22 @@ class ArrowStore(EstimateStore):
         if self._file is None:
             self._create(source)
         else:
-            def put(rows, values):
-                self._file.tables[0].array[rows] = values.contiguous().view(self._dtype.bits_torch).numpy()
+            def put(rows: slice, values):
+                self._file.tables[0].put(np.arange(rows.start, rows.stop), values)
             _fill_rows(put, self.num_owned, self.row_numel * self._dtype.itemsize, source)
-        # every newest estimate now sits in slot 0; samples written in the checkpoint's epoch read it
-        # as "written" (slot 1, flipped), the others as their epoch-start estimate (slot 0)
+        # Every newest estimate is now in slot 0. Samples not yet written in the checkpoint's epoch read
+        # it as their epoch-start estimate (slot bit 0); for written ones the bit is 1, so slot 0 is
+        # their "written this epoch" slot -- their epoch-start value is not needed (never gathered again).
         self._slot[:] = written.astype(np.uint8)
         log.info("%s: filled from the checkpoint's device-store estimates", self.path)
 
 
 # ----------------------------------------------------------------------------- the Arrow file
+
+# Arrays of at most 2^31 - 1 elements, as pyarrow writes by default and every Arrow implementation
+# reads: a store with more values per slot is split into several record batches of equal rows.
+_MAX_ARRAY_ELEMENTS = 2**31 - 1
+
 
 def _schema(meta: dict, dtype: _Dtype, shape: tuple[int, ...], pad: int) -> pa.Schema:
     tensor = pa.fixed_shape_tensor(dtype.arrow, list(shape))
@@ -746,23 +786,27 @@ def _schema(meta: dict, dtype: _Dtype, shape: tuple[int, ...], pad: int) -> pa.S
 
 
 class _Sink:
-    """A file-like sink for pyarrow's IPC writer that writes the two estimate buffers itself: the
-    first from `source` (streamed, never materialised), the second as a hole (sparse)."""
+    """A file-like sink for pyarrow's IPC writer that writes the estimate buffers itself: est_0
+    from the initial values (streamed, never held in memory), est_1 as a hole (sparse). It knows
+    them by address: they are slices of a placeholder mapping that nothing ever reads."""
 
-    def __init__(self, f, fill_address: int, hole_address: int, fill: Callable[[object, int], None]):
-        self.f, self.fill_address, self.hole_address, self.fill = f, fill_address, hole_address, fill
-        self.offsets: dict[str, int] = {}
+    def __init__(self, f, targets: dict[int, tuple[int, int, int]], fill: Callable):
+        self.f, self.targets, self.fill = f, targets, fill
+        self.first_offset: int | None = None
         self.closed = False
 
     def write(self, data) -> None:
-        if isinstance(data, pa.Buffer) and data.address == self.fill_address:
-            self.offsets["est_0"] = self.f.tell()
-            self.fill(self.f, data.size)
-        elif isinstance(data, pa.Buffer) and data.address == self.hole_address:
-            self.offsets["est_1"] = self.f.tell()
-            self.f.seek(data.size, os.SEEK_CUR)
-        else:
+        target = self.targets.get(data.address) if isinstance(data, pa.Buffer) else None
+        if target is None:
             self.f.write(data)
+            return
+        slot, start, end = target
+        if self.first_offset is None:
+            self.first_offset = self.f.tell()
+        if slot == 0:
+            self.fill(self.f, start, end)
+        else:
+            self.f.seek(data.size, os.SEEK_CUR)
 
     def tell(self) -> int:
         return self.f.tell()
@@ -774,6 +818,25 @@ class _Sink:
         self.closed = True
 
 
+class _NullFile:
+    """Counts bytes: for a dry run of the writer."""
+
+    def __init__(self):
+        self.pos = 0
+
+    def write(self, data) -> None:
+        self.pos += data.size if isinstance(data, pa.Buffer) else len(memoryview(data).cast("B"))
+
+    def seek(self, k: int, whence: int) -> None:
+        self.pos += k
+
+    def tell(self) -> int:
+        return self.pos
+
+    def flush(self) -> None:
+        pass
+
+
 def _create_store_file(path: Path, meta: dict, dtype: _Dtype, shape: tuple[int, ...], owned: np.ndarray,
                        source: Callable[[int, int], torch.Tensor]) -> None:
     """Write the store file (as <path>.tmp, renamed when complete), est_0 from `source`."""
@@ -783,78 +846,64 @@ def _create_store_file(path: Path, meta: dict, dtype: _Dtype, shape: tuple[int, 
     n, numel = len(owned), math.prod(shape)
     row_bytes = numel * dtype.itemsize
     size = n * row_bytes
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "file_id": uuid.uuid4().hex,
+    chunk_rows = max(1, min(n, _MAX_ARRAY_ELEMENTS // numel))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "file_id": uuid.uuid4().hex, "rows_per_batch": chunk_rows,
             "init": "dddm.rng.normal_per_index(index, shape, seed, STREAM_INITIAL_ESTIMATE)",
             "value_encoding": "bfloat16 bits in uint16" if dtype.name == "bfloat16" else dtype.name, **meta}
     tmp = path.with_name(path.name + ".tmp")
     holder = tmp.with_name(path.name + ".placeholder")
-    bufs = base = columns = None
-    # Stand-ins for the two estimate buffers: a read-only map of a sparse file, never read -- the
-    # sink writes those buffers itself.
+    # Stand-ins for the estimate buffers: a read-only map of a sparse file, slot 0 at 0, slot 1 after it.
+    second = size + _PAGE
     with open(holder, "wb") as h:
-        h.truncate(size + 64)
+        h.truncate(second + size + _PAGE)
     with open(holder, "rb") as h:
-        placeholder = mmap.mmap(h.fileno(), size + 64, access=mmap.ACCESS_READ)
+        placeholder = mmap.mmap(h.fileno(), second + size + _PAGE, access=mmap.ACCESS_READ)
     holder.unlink()
+    base = batches = None
     try:
         base = pa.py_buffer(placeholder)
-        bufs = [base.slice(0, size), base.slice(64, size)]
         tensor_type = pa.fixed_shape_tensor(dtype.arrow, list(shape))
-        columns = [pa.ExtensionArray.from_storage(tensor_type, pa.FixedSizeListArray.from_arrays(
-            pa.Array.from_buffers(dtype.arrow, n * numel, [None, buf]), numel)) for buf in bufs]
-        columns += [pa.array(owned, pa.int64()), pa.array(np.zeros(n, np.uint8), pa.uint8())]
+        targets: dict[int, tuple[int, int, int]] = {}
+        batches = []
+        for start in range(0, n, chunk_rows):
+            end = min(n, start + chunk_rows)
+            columns = []
+            for slot, origin in enumerate((0, second)):
+                buf = base.slice(origin + start * row_bytes, (end - start) * row_bytes)
+                targets[buf.address] = (slot, start, end)
+                columns.append(pa.ExtensionArray.from_storage(tensor_type, pa.FixedSizeListArray.from_arrays(
+                    pa.Array.from_buffers(dtype.arrow, (end - start) * numel, [None, buf]), numel)))
+            columns += [pa.array(owned[start:end], pa.int64()), pa.array(np.zeros(end - start, np.uint8))]
+            batches.append(columns)
 
-        def write(f, sink_fill, pad: int) -> dict:
-            sink = _Sink(f, bufs[0].address, bufs[1].address, sink_fill)
+        def write(f, fill, pad: int) -> int:
+            sink = _Sink(f, targets, fill)
             schema = _schema(meta, dtype, shape, pad)
             with pa.ipc.new_file(pa.PythonFile(sink, mode="w"), schema) as writer:
-                writer.write_batch(pa.record_batch(columns, schema=schema))
-            return sink.offsets
+                for columns in batches:
+                    writer.write_batch(pa.record_batch(columns, schema=schema))
+            return sink.first_offset
 
-        # A dry run learns where est_0 lands; padding the schema metadata then page-aligns it.
-        class _Null:
-            def __init__(self):
-                self.pos = 0
-
-            def write(self, b):
-                self.pos += len(memoryview(b)) if not isinstance(b, pa.Buffer) else b.size
-
-            def seek(self, k, whence):
-                self.pos += k
-
-            def tell(self):
-                return self.pos
-
-            def flush(self):
-                pass
-
-        def skip(f, k):
-            f.seek(k, os.SEEK_CUR)
-        offset = write(_Null(), skip, 0)["est_0"]
+        # A dry run finds where est_0 starts; padding the schema metadata then page-aligns it.
+        offset = write(_NullFile(), lambda f, start, end: f.seek((end - start) * row_bytes, os.SEEK_CUR), 0)
         size0 = _schema(meta, dtype, shape, 0).serialize().size
-        pad = 0
-        for p in range(0, 2 * _PAGE, 8):
-            if (offset + _schema(meta, dtype, shape, p).serialize().size - size0) % _PAGE == 0:
-                pad = p
-                break
+        pad = next((p for p in range(0, 2 * _PAGE, 8)
+                    if (offset + _schema(meta, dtype, shape, p).serialize().size - size0) % _PAGE == 0), 0)
 
         with tqdm(total=size, unit="B", unit_scale=True, desc=f"create {path.name}",
                   disable=size < (512 << 20)) as bar:
-            def fill(f, nbytes: int) -> None:
-                assert nbytes == size
-                chunk = max(1, _CHUNK_BYTES // row_bytes)
-                for start in range(0, n, chunk):
-                    end = min(n, start + chunk)
-                    block = source(start, end).contiguous().view(dtype.bits_torch).numpy()
+            def fill(f, start: int, end: int) -> None:
+                step = max(1, _CHUNK_BYTES // row_bytes)
+                for lo in range(start, end, step):
+                    hi = min(end, lo + step)
+                    block = source(lo, hi).contiguous().view(dtype.bits_torch).numpy()
                     f.write(memoryview(block).cast("B"))
                     bar.update(block.nbytes)
 
             with open(tmp, "wb") as f:
-                offsets = write(f, fill, pad)
+                write(f, fill, pad)
                 f.flush()
                 os.fsync(f.fileno())
-        if offsets["est_0"] % dtype.itemsize or offsets["est_1"] % dtype.itemsize:  # pragma: no cover
-            raise StoreError(f"{tmp}: estimate buffers are misaligned ({offsets})")
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -862,12 +911,14 @@ def _create_store_file(path: Path, meta: dict, dtype: _Dtype, shape: tuple[int, 
         finally:
             os.close(dir_fd)
     finally:
-        del bufs, base, columns
+        del base, batches
+        targets = None
         try:
             placeholder.close()
         except BufferError:  # pragma: no cover - still referenced; unmapped when collected
             pass
-    log.info("created x0 store file %s (%s of estimates, two slots)", path, _fmt_bytes(2 * size))
+    log.info("created x0 store file %s (%s of estimates in two slots, %d record batch(es))", path,
+             _fmt_bytes(2 * size), -(-n // chunk_rows))
 
 
 class _StoreFile:
@@ -877,7 +928,7 @@ class _StoreFile:
         self.path, self.writable = Path(path), writable
         n, numel = expected["num_owned"], math.prod(expected["sample_shape"])
         shape = tuple(expected["sample_shape"])
-        offsets = self._validate(expected, dtype, shape, n, numel)
+        offsets = self._validate(expected, dtype, shape, n, numel)  # sets meta, file_id, chunk_rows
         self._fh = open(self.path, "r+b" if writable else "rb")
         try:
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
@@ -885,25 +936,34 @@ class _StoreFile:
             self._fh.close()
             raise
         raw = np.frombuffer(self._mm, dtype=np.uint8)  # read-only for an ACCESS_READ map
+        rows = [min(self.chunk_rows, n - start) for start in range(0, n, self.chunk_rows)]
 
-        def view(offset: int, np_dtype: np.dtype, shape_):
-            count = math.prod(shape_)
-            return raw[offset:offset + count * np_dtype.itemsize].view(np_dtype).reshape(shape_)
-        slot_bytes = n * numel * dtype.itemsize
+        def views(name: str, np_dtype: np.dtype, width: int | None) -> list[np.ndarray]:
+            out = []
+            for k, count in enumerate(rows):
+                nbytes = count * (width or 1) * np_dtype.itemsize
+                arr = raw[offsets[k][name]:offsets[k][name] + nbytes].view(np_dtype)
+                out.append(arr.reshape(count, width) if width else arr)
+            return out
         # larger than about half the RAM available now: the rows mostly come from disk
-        self.prefetch = 2 * slot_bytes > 0.5 * psutil.virtual_memory().available
-        self.tables = [_FileTable(view(offsets[k], dtype.bits, (n, numel)), dtype, self._mm,
-                                  self._fh.fileno() if writable else None, offsets[k], self.prefetch)
-                       for k in ("est_0", "est_1")]
-        self.index = view(offsets["index"], np.dtype(np.int64), (n,))
-        self.latest = view(offsets["latest"], np.dtype(np.uint8), (n,))
+        self.from_disk = 2 * n * numel * dtype.itemsize > 0.5 * psutil.virtual_memory().available
+        fd = self._fh.fileno() if writable else None
+        self.tables = [_FileTable(views(name, dtype.bits, numel), self.chunk_rows,
+                                  [o[name] for o in offsets], dtype, self._mm, fd, self.from_disk)
+                       for name in ("est_0", "est_1")]
+        self.latest = views("latest", np.dtype(np.uint8), None)
+        index = np.concatenate(views("index", np.dtype(np.int64), None))
         want = np.arange(expected["rank"], expected["num_samples"], expected["world_size"], dtype=np.int64)
-        if not np.array_equal(self.index, want):
+        if not np.array_equal(index, want):
             self.close()
             raise StoreError(f"{self.path}: the index column does not hold the {n} indices rank "
                              f"{expected['rank']} of {expected['world_size']} owns")
 
-    def _validate(self, expected: dict, dtype: _Dtype, shape, n: int, numel: int) -> dict[str, int]:
+    def set_latest(self, values: np.ndarray) -> None:
+        for k, part in enumerate(self.latest):
+            part[:] = values[k * self.chunk_rows:k * self.chunk_rows + len(part)]
+
+    def _validate(self, expected: dict, dtype: _Dtype, shape, n: int, numel: int) -> list[dict[str, int]]:
         path = self.path
         try:
             source = pa.memory_map(str(path), "r")
@@ -927,8 +987,9 @@ class _StoreFile:
                                  f"expected {FORMAT!r} version {FORMAT_VERSION}")
             _compare_meta(expected, meta, str(path))
             self.file_id, self.meta = meta["file_id"], meta
-            if reader.num_record_batches != 1:
-                raise StoreError(f"{path}: {reader.num_record_batches} record batches, expected 1")
+            self.chunk_rows = int(meta.get("rows_per_batch", 0))
+            if self.chunk_rows < 1:
+                raise StoreError(f"{path}: rows_per_batch is {meta.get('rows_per_batch')!r}")
             tensor = pa.fixed_shape_tensor(dtype.arrow, list(shape))
             want = {"est_0": tensor, "est_1": tensor, "index": pa.int64(), "latest": pa.uint8()}
             for name, typ in want.items():
@@ -936,42 +997,50 @@ class _StoreFile:
                 if idx < 0 or not reader.schema.field(idx).type.equals(typ):
                     found = reader.schema.field(idx).type if idx >= 0 else "<missing>"
                     raise StoreError(f"{path}: column {name!r} is {found}, expected {typ}")
-            try:
-                batch = reader.get_batch(0)
-            except (pa.ArrowException, OSError) as e:
-                raise StoreError(f"{path}: the record batch cannot be read, truncated or corrupt ({e})") from e
-            if batch.num_rows != n:
-                raise StoreError(f"{path}: {batch.num_rows} rows, expected {n}")
+            num_batches = -(-n // self.chunk_rows)
+            if reader.num_record_batches != num_batches:
+                raise StoreError(f"{path}: {reader.num_record_batches} record batches, expected {num_batches} "
+                                 f"of {self.chunk_rows} rows")
             source.seek(0)
             base = source.read_buffer(1).address
-            itemsize = dtype.itemsize
-
-            def data_offset(name: str, nbytes: int) -> int:
-                col = batch.column(name)
-                arr = col.storage.values if name.startswith("est") else col
-                if arr.offset != 0 or (name.startswith("est") and col.storage.offset != 0):
-                    raise StoreError(f"{path}: column {name!r} is a slice; expected a plain buffer")
-                buf = arr.buffers()[1]
-                if buf is None or buf.size < nbytes:
-                    raise StoreError(f"{path}: column {name!r} holds {0 if buf is None else buf.size} bytes, "
-                                     f"expected {nbytes}")
-                return buf.address - base
-
-            offsets = {"est_0": data_offset("est_0", n * numel * itemsize),
-                       "est_1": data_offset("est_1", n * numel * itemsize),
-                       "index": data_offset("index", 8 * n), "latest": data_offset("latest", n)}
             file_size = os.path.getsize(path)
+            itemsize = dtype.itemsize
             align = {"est_0": itemsize, "est_1": itemsize, "index": 8, "latest": 1}
-            for name, off in offsets.items():
-                if off < 0 or off >= file_size or off % align[name]:
-                    raise StoreError(f"{path}: column {name!r} at byte {off} is outside the file or misaligned")
-            del batch, reader
+            offsets = []
+            for k in range(num_batches):
+                rows = min(self.chunk_rows, n - k * self.chunk_rows)
+                try:
+                    batch = reader.get_batch(k)
+                except (pa.ArrowException, OSError) as e:
+                    raise StoreError(f"{path}: record batch {k} cannot be read, truncated or corrupt ({e})") from e
+                if batch.num_rows != rows:
+                    raise StoreError(f"{path}: record batch {k} has {batch.num_rows} rows, expected {rows}")
+                sizes = {"est_0": rows * numel * itemsize, "est_1": rows * numel * itemsize,
+                         "index": 8 * rows, "latest": rows}
+                where = {}
+                for name, nbytes in sizes.items():
+                    col = batch.column(name)
+                    arr = col.storage.values if name.startswith("est") else col
+                    if arr.offset != 0 or (name.startswith("est") and col.storage.offset != 0):
+                        raise StoreError(f"{path}: column {name!r} is a slice; expected a plain buffer")
+                    buf = arr.buffers()[1]
+                    if buf is None or buf.size < nbytes:
+                        raise StoreError(f"{path}: column {name!r} of record batch {k} holds "
+                                         f"{0 if buf is None else buf.size} bytes, expected {nbytes}")
+                    off = buf.address - base
+                    if off < 0 or off + nbytes > file_size or off % align[name]:
+                        raise StoreError(f"{path}: column {name!r} of record batch {k} at byte {off} is "
+                                         f"outside the file or misaligned")
+                    where[name] = off
+                offsets.append(where)
+                del batch
+            del reader
             return offsets
         finally:
             source.close()
 
     def flush(self) -> None:
-        """Write everything to disk: the pwrites and the stores into the map (both in the page cache)."""
+        """Write everything to disk: stores into the map and pwrites both sit in the page cache."""
         if self.writable:
             os.fdatasync(self._fh.fileno())
 
@@ -979,7 +1048,7 @@ class _StoreFile:
         if self._mm is None:
             return
         self.flush()
-        self.tables = self.index = self.latest = None
+        self.tables = self.latest = None
         try:
             self._mm.close()
         except BufferError:  # a view still exported (e.g. a caller's tensor): unmapped when collected
@@ -995,16 +1064,16 @@ class _StoreFile:
 
 
 def read_store_file(path) -> dict:
-    """The newest estimates in a store file as of its last flush, read with plain pyarrow:
-    {"meta": the file's metadata, "index": int64 (n,), "estimates": float32 (n, *shape)}.
-    Equivalent code for any Arrow reader: take est_0 where latest == 0, est_1 where latest == 1;
+    """The newest estimates in a store file as of its last flush, read with plain pyarrow (all in
+    memory): {"meta": the file's metadata, "index": int64 (n,), "estimates": float32 (n, *shape)}.
+    The same for any Arrow reader: per row, est_0 where latest == 0 and est_1 where latest == 1;
     for bfloat16 the values are uint16 bits (shift left by 16 and read as float32)."""
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     meta = json.loads(table.schema.metadata[_META_KEY])
     shape = tuple(meta["sample_shape"])
-    slots = [table.column(name).combine_chunks() for name in ("est_0", "est_1")]
-    slots = [np.asarray(s.storage.flatten().to_numpy(zero_copy_only=False)).reshape(len(table), *shape)
-             for s in slots]
+    slots = [np.concatenate([chunk.storage.flatten().to_numpy(zero_copy_only=False)
+                             for chunk in table.column(name).chunks]).reshape(len(table), *shape)
+             for name in ("est_0", "est_1")]
     latest = table.column("latest").to_numpy().astype(bool).reshape(-1, *([1] * len(shape)))
     est = np.where(latest, slots[1], slots[0])
     if meta["dtype"] == "bfloat16":
@@ -1041,7 +1110,7 @@ def open_store(policy: str, directory, num_samples: int, sample_shape, dtype, se
     shape_txt = "x".join(str(int(s)) for s in sample_shape)
     sizes = (f"{_num_owned(num_samples, rank, world_size)} of {num_samples} samples x {shape_txt} "
              f"{_dtype(dtype).name} = {_fmt_bytes(need)}")
-    backend, why = policy, "policy"
+    backend, why = policy, f"policy {policy}"
     if policy == "auto":
         budget, budget_txt = _budget(device, budget_fraction)
         if path.exists():

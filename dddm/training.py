@@ -58,9 +58,14 @@ class TrainResult:
     model_path: Path
     global_step: int
     history_path: Path  # one JSON row per step, the whole run's (resumes included)
+    net: torch.nn.Module  # this rank's trained network (not the EMA)
+    ema: AveragedModel
+    store: object  # this rank's x0 store (dddm.store.EstimateStore)
 
 
-HISTORY_FIELDS = ("step", "epoch", "loss", "guide", "iterative", "weight", "lr", "img_per_s", "store_bytes")
+PHASES = ("data", "store", "forward", "backward", "optimizer")
+HISTORY_FIELDS = ("step", "epoch", "loss", "guide", "iterative", "weight", "lr", "img_per_s", "store_bytes",
+                  *(f"time_{p}" for p in PHASES))
 
 
 def run_directory(cfg: Config, fingerprint: str) -> Path:
@@ -91,6 +96,8 @@ def write_history(history_path: Path, tsv_path: Path) -> None:
 
 class NullTracker:
     """What the loop reports to; the MLflow tracker (rank 0) implements the same methods."""
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def log_metrics(self, metrics: dict, step: int) -> None: ...
 
@@ -143,6 +150,8 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
         log.info("world size %d, per-rank batch %d, global batch %d, %d steps per epoch, store %s (%s)",
                  world.world_size, tc.batch_size, tc.batch_size * world.world_size, steps_per_epoch,
                  type(store).__name__, cfg.store.dtype)
+    tracker.set_tags({"world_size": str(world.world_size), "device": str(world.device),
+                      "store_backend": type(store).__name__, "global_batch": str(tc.batch_size * world.world_size)})
 
     total_steps = tc.epochs * steps_per_epoch
     last: dict = {}
@@ -154,9 +163,19 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
         store.begin_epoch(epoch)
         batches = epoch_batches(owned, cfg.seed, epoch, world.rank, steps_per_epoch)
         for idx in batches[position:]:
-            t0 = time.perf_counter()
+            times = dict.fromkeys(PHASES, 0.0)
+            t0 = mark = time.perf_counter()
+
+            def lap(phase: str) -> None:  # host wall time per phase (on CUDA: launch + sync points)
+                nonlocal mark
+                now = time.perf_counter()
+                times[phase] += now - mark
+                mark = now
+
             x0 = dataset.images(idx).to(world.device, non_blocking=True)
+            lap("data")
             est = store.gather(idx)
+            lap("store")
             with autocast:
                 out = training_step(model, diffusion, x0, idx, est, epoch, metric, cfg.seed)
             # One small all-reduce gives every rank the same numbers, so all stop together on NaN,
@@ -169,18 +188,23 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch}); "
                                        f"the last good checkpoint in {run_dir} is kept")
+            lap("forward")
             opt.zero_grad(set_to_none=True)
             out.terms.total.backward()
+            lap("backward")
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
             opt.step()
             sched.step()
             ema.update_parameters(net)
+            lap("optimizer")
             store.scatter(idx, out.new_estimates)
+            lap("store")
             global_step += 1
             row = {"step": global_step, "epoch": epoch, "loss": loss, "guide": guide, "iterative": iterative,
                    "weight": out.terms.weight, "lr": sched.get_last_lr()[0],
-                   "img_per_s": stats[3].item() / (time.perf_counter() - t0), "store_bytes": store.nbytes}
+                   "img_per_s": stats[3].item() / (mark - t0), "store_bytes": store.nbytes,
+                   **{f"time_{k}": v for k, v in times.items()}}
             if world.is_main:
                 with open(history_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -202,4 +226,4 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
         summary = {k: last[k] for k in ("loss", "guide", "iterative", "weight") if k in last}
         (out_dir / "train_metrics.json").write_text(json.dumps(summary | {"steps": global_step}, indent=2))
     distributed.barrier()
-    return TrainResult(model_path=model_path, global_step=global_step, history_path=history_path)
+    return TrainResult(model_path=model_path, global_step=global_step, history_path=history_path, net=net, ema=ema, store=store)

@@ -1,18 +1,20 @@
-"""Stage sample: the EMA model -> out/samples/<s>-step.npz and a PNG grid for each step count."""
+"""Stage sample: the EMA model -> out/samples/<s>-step.npz (uint8) and a PNG grid per step count,
+the grids also logged to the training run in MLflow."""
 
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from dddm.checkpoint import load_model
 from dddm.distributed import resolve_device
 from dddm.sampling import sample
+from dddm.tracking import RunLogger
 
 from .common import start
 
 MODEL = Path("out/train/model.pt")
+RUN = Path("out/train/mlflow_run.json")
 OUT = Path("out/samples")
 
 
@@ -20,6 +22,7 @@ def main() -> None:
     cfg = start("sample")
     device = resolve_device(cfg.train.device)
     net, train_cfg, info = load_model(MODEL, device)
+    run = RunLogger(RUN)
     diffusion = train_cfg.make_diffusion()
     shape = (info["channels"], info["image_size"], info["image_size"])
     OUT.mkdir(parents=True, exist_ok=True)
@@ -28,8 +31,7 @@ def main() -> None:
                         cfg.sample.batch_size, device, progress=True)
         as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         np.savez_compressed(OUT / f"{steps}-step.npz", images=as_uint8)
-        grid = images[:64]
-        save_image((grid + 1) / 2, OUT / f"{steps}-step.png", nrow=8, padding=1)
+        run.save_grid(images, OUT / f"{steps}-step.png", f"samples/{steps}-step.png")
 
 
 if __name__ == "__main__":

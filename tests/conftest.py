@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -12,20 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dddm.config import merge_params as merge
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def repo_params() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    """Deep-merge nested overrides into a copy of base."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 TINY = {
@@ -52,13 +45,14 @@ def run_env(**extra) -> dict:
 
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
-    """The repository's tracked and untracked-but-not-ignored files in a fresh git repo."""
+    """The repository's source (tracked and untracked-but-not-ignored files, without stage
+    outputs a developer may have produced) in a fresh git repo."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     dest = tmp_path / "repo"
     for name in files:
         src = ROOT / name
-        if src.is_file():
+        if src.is_file() and not name.startswith(("data/", "out/")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

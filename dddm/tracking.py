@@ -1,0 +1,174 @@
+"""MLflow tracking: the one module that imports mlflow. Only rank 0 creates a tracker.
+
+The tracking URI is MLFLOW_TRACKING_URI when set, else a SQLite database in the working
+directory, so `mlflow ui` there shows the runs with no server set up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from PIL import Image
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torchvision.utils import make_grid
+
+from .sampling import sample
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached; raised at stage start, not hours later."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast with the URI named when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
+                                  f"MLFLOW_TRACKING_URI to log into {DEFAULT_URI}") from None
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 2e-4}} -> {"train.lr": "0.0002"}."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class MlflowTracker:
+    """Logs a training run: params, tags, batched per-step metrics, sample grids, the final model."""
+
+    def __init__(self, experiment: str, params: dict, tags: dict[str, str], run_id: str | None = None,
+                 flush_every: int = 50, grid_every_epochs: int = 0, grid_sampler=None):
+        self.uri = tracking_uri()
+        check_reachable(self.uri)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        if run_id is None:
+            exp = mlflow.set_experiment(experiment)
+            run = self.client.create_run(exp.experiment_id, tags=tags | {"mlflow.source.git.commit": git_commit()})
+            run_id = run.info.run_id
+            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])
+                                                   for k, v in flatten(params).items()])
+        self.run_id = run_id
+        self.flush_every = flush_every
+        self.grid_every_epochs = grid_every_epochs
+        self.grid_sampler = grid_sampler  # callable(ema_module, steps) -> images in [-1, 1]
+        self._pending: list[Metric] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self._pending) >= self.flush_every * max(1, len(metrics)):
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self._pending), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
+        self._pending = []
+
+    def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
+        if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
+            for steps in (1, 2):
+                self.log_image_grid(self.grid_sampler(ema_module, steps), f"grids/epoch{epoch + 1:04d}-{steps}step.png")
+
+    def log_image_grid(self, images: torch.Tensor, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image_grid(images), artifact_file)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_model(self, module: torch.nn.Module, name: str = "ema_model") -> None:
+        """The network as an MLflow PyTorch model; `dddm` travels with it so it loads anywhere."""
+        self.flush()
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(module.cpu(), name=name, serialization_format="pickle",
+                                     code_paths=[str(Path(__file__).parent)],
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status)
+
+
+def image_grid(images: torch.Tensor, max_images: int = 64, min_tile: int = 32) -> np.ndarray:
+    """Up to 64 images in [-1, 1] as an 8-wide uint8 HWC grid; small images are enlarged
+    (nearest neighbour) so a 16x16 digit is still readable."""
+    images = images[:max_images].float()
+    scale = max(1, math.ceil(min_tile / images.shape[-1]))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    grid = make_grid((images + 1) / 2, nrow=8, padding=2, pad_value=1.0).clamp(0, 1)
+    return (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+
+
+def ema_grid_sampler(diffusion, shape: tuple[int, ...], seed: int, device, num: int = 64):
+    """A grid sampler for MlflowTracker: `num` EMA samples with fixed noise, so grids are comparable."""
+    def draw(module: torch.nn.Module, steps: int) -> torch.Tensor:
+        return sample(module, diffusion, num, shape, steps, seed, batch_size=num, device=device)
+    return draw
+
+
+def write_run_reference(path: Path, run_id: str) -> None:
+    """The file later stages read to log into the same MLflow run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}, indent=2))
+
+
+class RunLogger:
+    """Logs into the training run named by a reference file (written by the train stage)."""
+
+    def __init__(self, reference: Path):
+        if not reference.is_file():
+            raise FileNotFoundError(f"{reference}: no MLflow run reference (run the train stage first)")
+        data = json.loads(reference.read_text())
+        check_reachable(data["tracking_uri"])
+        self.client = MlflowClient(data["tracking_uri"])
+        self.run_id = data["run_id"]
+
+    def save_grid(self, images: torch.Tensor, png_path: Path, artifact_file: str) -> None:
+        """Write the grid as a PNG file and log the same image to the run."""
+        grid = image_grid(images)
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(png_path)
+        self.client.log_image(self.run_id, grid, artifact_file)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])

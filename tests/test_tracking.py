@@ -1,0 +1,102 @@
+"""MLflow tracking against a real tracking server on loopback, through the real stage commands."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_env, tiny_params, write_params
+from dddm.tracking import flatten, image_grid
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        env=run_env(), stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def stage(repo, module, uri, nproc=None):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
+           if nproc else [sys.executable, "-m", module])
+    return subprocess.run(cmd, cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
+    params = tiny_params(train={"epochs": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
+    write_params(repo_copy, params)
+    for module, nproc in (("pipeline.prepare", None), ("pipeline.train", 2), ("pipeline.sample", None)):
+        result = stage(repo_copy, module, mlflow_server, nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    ref = json.loads((repo_copy / "out/train/mlflow_run.json").read_text())
+    assert ref["tracking_uri"] == mlflow_server
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(ref["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "test-exp"
+    assert run.data.params == flatten(json.loads(json.dumps(params)))  # the whole params.yaml, flattened
+    tags = run.data.tags
+    assert tags["world_size"] == "2" and tags["device"] == "cpu" and tags["store_backend"] == "DeviceStore"
+    assert len(tags["mlflow.source.git.commit"]) > 0
+    steps = len((repo_copy / "out/train/loss.tsv").read_text().splitlines()) - 1
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1))
+    for key in ("guide", "iterative", "weight", "lr", "img_per_s", "store_bytes"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
+    assert {"grids/epoch0001-1step.png", "grids/epoch0002-2step.png"} <= artifacts
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/1-step.png", "samples/2-step.png"} <= samples
+    models = client.search_logged_models([run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id and m.name == "ema_model" for m in models)
+
+
+def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
+    write_params(repo_copy, tiny_params())
+    assert stage(repo_copy, "pipeline.prepare", "").returncode == 0
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    result = stage(repo_copy, "pipeline.train", uri)
+    assert result.returncode != 0
+    assert uri in result.stderr and "unreachable" in result.stderr
+    assert time.time() - started < 60
+    assert not (repo_copy / "out/train/model.pt").exists()
+
+
+def test_image_grid_enlarges_small_images():
+    import torch
+    grid = image_grid(torch.zeros(10, 1, 8, 8))
+    assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 1

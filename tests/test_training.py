@@ -1,0 +1,161 @@
+"""The training loop with real processes: torchrun DDP (two gloo ranks), kill -9 and resume, NaN."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, run_env, tiny_params
+from dddm import checkpoint
+from dddm.config import parse_config
+from dddm.data import prepare_dataset
+from dddm.losses import metric_fn
+from dddm.step import training_step
+from dddm.store import owned_indices
+from dddm.training import TrainingDiverged, build_network, epoch_batches, train
+
+WORKER = ROOT / "tests" / "train_worker.py"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prepared.arrow"
+    prepare_dataset("digits", None, 8, path, progress=False)
+    return path
+
+
+def write(tmp_path, params) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run_worker(params_file, prepared, out, run_dir, nproc=1, **popen):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    cmd = [*launcher, str(WORKER), str(params_file), str(prepared), str(out), str(run_dir)]
+    env = run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, prepared):
+    params = tiny_params(train={"epochs": 2, "batch_size": 128, "checkpoint_dir": str(tmp_path / "ck")})
+    run_worker(write(tmp_path, params), prepared, tmp_path / "out", tmp_path / "run", nproc=2)
+    r0 = torch.load(tmp_path / "out" / "final-rank0.pt")
+    r1 = torch.load(tmp_path / "out" / "final-rank1.pt")
+    for name in r0["net"]:
+        assert torch.equal(r0["net"][name], r1["net"][name]), name
+
+    # The same global batches in one process: DDP averages the two ranks' mean gradients.
+    cfg = parse_config(params)
+    from dddm.data import PreparedDataset
+    data = PreparedDataset(prepared)
+    torch.manual_seed(cfg.seed)
+    net = build_network(cfg, 1)
+    init = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
+    diffusion, metric = cfg.make_diffusion(), metric_fn(cfg.loss.metric, cfg.huber_c)
+    from dddm.store import initial_estimates
+    estimates = initial_estimates(torch.arange(len(data)), (1, 8, 8), cfg.seed)
+    shards = [owned_indices(len(data), r, 2) for r in range(2)]
+    steps = -(-len(shards[0]) // cfg.train.batch_size)
+    for epoch in range(cfg.train.epochs):
+        previous = estimates.clone()  # reads see the estimates as of the epoch start
+        per_rank = [epoch_batches(shards[r], cfg.seed, epoch, r, steps) for r in range(2)]
+        for k in range(steps):
+            opt.zero_grad()
+            for r in range(2):
+                idx = per_rank[r][k]
+                out = training_step(net, diffusion, data.images(idx), idx, previous[idx], epoch, metric, cfg.seed)
+                (out.terms.total / 2).backward()
+                estimates[idx] = out.new_estimates
+            opt.step()
+    # Adam turns float-rounding noise in near-zero gradients into full-size steps for a few
+    # weights, so compare the whole update: DDP's and the reference's must agree to 1%, where
+    # different batches would disagree by the order of the update itself.
+    ref = torch.cat([p.detach().flatten() for p in net.parameters()])
+    ddp = torch.cat([r0["net"][name].flatten() for name, _ in net.named_parameters()])
+    assert (ddp - ref).norm() < 0.01 * (ref - init).norm(), ((ddp - ref).norm(), (ref - init).norm())
+    both = torch.cat([r0["estimates"], r1["estimates"]])
+    order = torch.cat(shards)
+    assert torch.allclose(both, estimates[order], atol=1e-4)
+
+
+def final_state(run_dir: Path, out: Path) -> dict:
+    ckpt = checkpoint.latest(run_dir)
+    shared = torch.load(ckpt / "train_state.pt", weights_only=False)
+    final = torch.load(out / "final-rank0.pt")
+    return {"model": shared["model"], "ema": shared["ema"], "estimates": final["estimates"],
+            "step": shared["step"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["device", "arrow"])
+def test_kill_9_and_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, prepared, policy):
+    def params(name):
+        return tiny_params(train={"epochs": 3, "batch_size": 128, "checkpoint_every": 5,
+                                  "checkpoint_dir": str(tmp_path / name)},
+                           model={"dropout": 0.2},  # exercises the restored RNG state
+                           store={"policy": policy})
+
+    whole = tmp_path / "whole"
+    run_worker(write(whole.mkdir() or whole, params("whole")), prepared, whole / "out", whole / "run")
+
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    pfile = write(crash, params("crash"))
+    proc = run_worker(pfile, prepared, crash / "out", crash / "run", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while checkpoint.latest(crash / "run") is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the steps after the first checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.latest(crash / "run") is not None
+    resumed_from = torch.load(checkpoint.latest(crash / "run") / "train_state.pt", weights_only=False)["step"]
+    run_worker(pfile, prepared, crash / "out", crash / "run")
+
+    a, b = final_state(whole / "run", whole / "out"), final_state(crash / "run", crash / "out")
+    assert a["step"] == b["step"] and resumed_from < b["step"]
+    for part in ("model", "ema"):
+        for name in a[part]:
+            if torch.is_tensor(a[part][name]):
+                assert torch.equal(a[part][name], b[part][name]), (part, name)
+    assert torch.equal(a["estimates"], b["estimates"])
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, prepared, monkeypatch):
+    cfg = parse_config(tiny_params(train={"epochs": 2, "batch_size": 256, "checkpoint_every": 3,
+                                          "checkpoint_dir": str(tmp_path / "ck")}))
+    import dddm.training as training
+
+    real_step, calls = training.training_step, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            out.terms.total = out.terms.total * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "training_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 5 "):
+        train(cfg, prepared, tmp_path / "out", tmp_path / "run", progress=False)
+    good = checkpoint.latest(tmp_path / "run")
+    assert good.name == "ckpt-000000003"
+    state = torch.load(good / "train_state.pt", weights_only=False)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "out" / "model.pt").exists()

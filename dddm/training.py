@@ -28,7 +28,7 @@ from .data import PreparedDataset
 from .losses import metric_fn
 from .rng import STREAM_EPOCH_ORDER, generator
 from .step import training_step
-from .store import open_store, owned_indices
+from .store import open_store, owned_indices, store_path
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,14 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
     metric = metric_fn(cfg.loss.metric, cfg.huber_c)
 
     latest = checkpoint.latest(run_dir) if tc.resume == "auto" else None
-    store = open_store(cfg.store.policy, run_dir / "store", info.num_samples, shape, cfg.store.dtype,
+    store_dir = Path(cfg.store.directory) / run_dir.name if cfg.store.directory else run_dir / "store"
+    stale = store_path(store_dir, world.rank)
+    if latest is None and stale.exists():
+        # No checkpoint refers to these estimates (a run that died before its first checkpoint,
+        # or resume: never), so they cannot be continued consistently: start afresh, said aloud.
+        log.warning("removing %s: no checkpoint of this run refers to it", stale)
+        stale.unlink()
+    store = open_store(cfg.store.policy, store_dir, info.num_samples, shape, cfg.store.dtype,
                        cfg.seed, info.fingerprint, world.device, world.rank, world.world_size,
                        cfg.store.budget_fraction, resume=latest is not None)
     global_step = 0

@@ -94,6 +94,18 @@ class SampleConfig(_Section):
     batch_size: int = Field(ge=1)
 
 
+class ScoreConfig(_Section):
+    classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in prepare
+    inception_weights: str | None  # weights-inception-2015-12-05-6726825d.pth: path or fsspec URL; null = hub cache
+    use_inception: Literal["auto", "always", "never"]  # auto: when the weights are found
+    batch_size: int = Field(ge=1)
+    untrained_baseline: bool  # also score the untrained network's 1-step samples, for comparison
+
+    @property
+    def inception_required(self) -> bool | None:
+        return {"auto": None, "always": True, "never": False}[self.use_inception]
+
+
 class TrackingConfig(_Section):
     experiment: str = Field(min_length=1)  # MLflow experiment name
     grid_every_epochs: int = Field(ge=0)  # EMA sample grids (1 and 2 steps) as artifacts; 0 = none
@@ -110,6 +122,7 @@ class Config(_Section):
     train: TrainConfig
     store: StoreConfig
     sample: SampleConfig
+    score: ScoreConfig
     tracking: TrackingConfig
 
     def make_diffusion(self) -> Diffusion:

@@ -166,7 +166,7 @@ class RunLogger:
     def save_grid(self, images: torch.Tensor, png_path: Path, artifact_file: str) -> None:
         """Write the grid as a PNG file and log the same image to the run."""
         grid = image_grid(images)
-        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(png_path)
+        Image.fromarray(grid).save(png_path)
         self.client.log_image(self.run_id, grid, artifact_file)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

@@ -27,7 +27,8 @@ TINY = {
               "dropout": 0.0, "num_heads": 2},
     "diffusion": {"vp": {"T": 100}, "ve": {"T": 100}},
     "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0},
-    "sample": {"steps": [1, 2], "num_samples": 16, "batch_size": 16},
+    "sample": {"steps": [1, 2], "num_samples": 160, "batch_size": 160},
+    "score": {"classifier_epochs": 1, "batch_size": 512},
 }
 
 

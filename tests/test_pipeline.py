@@ -25,19 +25,28 @@ def test_dvc_repro_end_to_end_then_noop_then_sample_only(repo_copy):
     assert "loss" in (repo_copy / "out/train/loss.tsv").read_text().splitlines()[0]
     for steps in (1, 2):
         images = np.load(repo_copy / f"out/samples/{steps}-step.npz")["images"]
-        assert images.shape == (16, 1, 8, 8) and images.dtype == np.uint8
+        assert images.shape == (160, 1, 8, 8) and images.dtype == np.uint8
         assert (repo_copy / f"out/samples/{steps}-step.png").stat().st_size > 0
 
     again = dvc(repo_copy, "repro")
     assert again.returncode == 0, again.stderr
     assert "Running stage" not in again.stdout, again.stdout
 
-    write_params(repo_copy, tiny_params(sample={"num_samples": 8}))
+    metrics = json.loads((repo_copy / "out/score/metrics.json").read_text())
+    assert set(metrics) == {"1-step", "2-step", "untrained/1-step"}
+    for name, m in metrics.items():
+        assert m["feature_network"] == "classifier" and "fid" not in m, name
+        assert m["fid_classifier"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    assert "fid_classifier" in (repo_copy / "out/score/by_steps.tsv").read_text()
+    shown = dvc(repo_copy, "metrics", "show")
+    assert "fid_classifier" in shown.stdout, shown.stdout + shown.stderr
+
+    write_params(repo_copy, tiny_params(sample={"num_samples": 150}))
     third = dvc(repo_copy, "repro")
     assert third.returncode == 0, third.stderr
     ran = [line for line in third.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'sample':"], third.stdout
-    assert np.load(repo_copy / "out/samples/1-step.npz")["images"].shape[0] == 8
+    assert ran == ["Running stage 'sample':", "Running stage 'score':"], third.stdout
+    assert np.load(repo_copy / "out/samples/1-step.npz")["images"].shape[0] == 150
 
 
 def test_bad_parameter_stops_the_stage_naming_the_key(repo_copy):

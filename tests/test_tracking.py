@@ -99,4 +99,4 @@ def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
 def test_image_grid_enlarges_small_images():
     import torch
     grid = image_grid(torch.zeros(10, 1, 8, 8))
-    assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 1
+    assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 3  # make_grid: RGB

@@ -4,6 +4,7 @@ import json
 import subprocess
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import run_env, tiny_params, write_params
@@ -54,3 +55,22 @@ def test_bad_parameter_stops_the_stage_naming_the_key(repo_copy):
     result = dvc(repo_copy, "repro")
     assert result.returncode != 0
     assert "diffusion.kind" in result.stderr + result.stdout
+
+
+def test_dvc_exp_run_switches_to_ve_and_a_bad_source_is_named(repo_copy):
+    write_params(repo_copy, tiny_params(score={"untrained_baseline": False}))
+    git = dict(cwd=repo_copy, check=True, capture_output=True)
+    subprocess.run(["git", "add", "-A"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], **git)
+    exp = dvc(repo_copy, "exp", "run", "-S", "diffusion.kind=ve")
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    model = torch.load(repo_copy / "out/train/model.pt", weights_only=False)
+    assert model["params"]["diffusion"]["kind"] == "ve"
+    diff = dvc(repo_copy, "params", "diff").stdout  # the experiment is applied to the workspace
+    assert "diffusion.kind" in diff and "ve" in diff.split("diffusion.kind")[1], diff
+
+    missing = repo_copy / "nowhere" / "cifar-10-python.tar.gz"
+    write_params(repo_copy, tiny_params(data={"source": "cifar10", "path": str(missing)}))
+    bad = dvc(repo_copy, "repro", "prepare")
+    assert bad.returncode != 0
+    assert "cifar10" in bad.stderr and str(missing) in bad.stderr, bad.stderr[-2000:]

@@ -1,0 +1,46 @@
+"""Serve the deployments from this process (Prefect's `serve`: no work pool or worker to set up):
+
+    python -m flows.deploy          # with PREFECT_API_URL pointing at a running `prefect server start`
+
+- `udddm-experiment/default`: manual trigger; parameters as in `flows.experiment.experiment`
+  (`overrides`, `metric`, `registry`, `alias`, `stage_timeout_s`, `stage_retries`).
+- `udddm-experiment/nightly`: the same flow on a cron schedule (UDDDM_NIGHTLY_CRON, default 02:00 UTC),
+  with params.yaml as the workspace has it.
+- `udddm-sweep/sweep`: a grid sweep (`grid`, `overrides`, `metric`, `concurrency`, ...).
+
+Flow runs execute in subprocesses of this one, in this repository.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType
+
+from flows.experiment import REPO, experiment
+from flows.sweep import sweep
+
+NIGHTLY_CRON = os.environ.get("UDDDM_NIGHTLY_CRON", "0 2 * * *")
+
+
+def deployments() -> list:
+    common = {"entrypoint_type": EntrypointType.MODULE_PATH, "tags": ["udddm"]}
+    return [
+        experiment.to_deployment("default", description="One pipeline experiment, triggered by hand: "
+                                 "params overrides, DVC stages, scores, MLflow registry.", **common),
+        experiment.to_deployment("nightly", cron=NIGHTLY_CRON, description="The pipeline with the workspace's "
+                                 "params.yaml, every night.", **common),
+        sweep.to_deployment("sweep", description="A grid of experiments with a comparison table; the best "
+                            "model is registered.", **common),
+    ]
+
+
+def main() -> None:
+    # flow runs are subprocesses that import `flows.*` by module path, from this repository
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    serve(*deployments())
+
+
+if __name__ == "__main__":
+    main()

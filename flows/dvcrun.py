@@ -1,0 +1,138 @@
+"""Running DVC from Prefect tasks: one command as a subprocess, its output streamed line by line into
+the task's log, a timeout that kills the whole process group, and the failures worth retrying."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BIN = Path(sys.executable).parent
+
+# What a second attempt can cure: killed by a signal (OOM killer, preemption; shells report 128+n),
+# the stage timeout, another DVC process holding the repo lock, an unreachable tracking server or
+# network, a collective that broke. A bad parameter or a bug fails the same way again: no retry.
+TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is unreachable|Connection refused"
+                       r"|Connection reset|Temporary failure in name resolution|NCCL (error|timeout)", re.I)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry a stage only when its failure looks transient."""
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception:
+        return False
+    return False
+
+
+def env() -> dict[str, str]:
+    """The stage commands (`python -m ...`, `torchrun`) resolve to this interpreter's environment."""
+    out = dict(os.environ)
+    out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
+    out.setdefault("PYTHONUNBUFFERED", "1")   # stage output reaches the log as it is printed
+    out.setdefault("TQDM_MININTERVAL", "30")  # progress bars: a log line every 30 s, not every step
+    out["DVC_NO_ANALYTICS"] = "1"
+    return out
+
+
+def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, extra_env: dict | None = None,
+        what: str | None = None) -> None:
+    """`dvc <args>` in `repo`; every output line goes to `logger`. Raises StageFailed naming the last
+    lines of output when it fails or runs past `timeout_s` (then its process group is killed)."""
+    what = what or "dvc " + " ".join(args)
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env() | (extra_env or {}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)  # its own process group: a timeout kills torchrun's workers too
+    timed_out = threading.Event()
+
+    def kill(sig=signal.SIGTERM) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def on_timeout() -> None:
+        timed_out.set()
+        kill()
+        threading.Timer(30, kill, (signal.SIGKILL,)).start()
+
+    watchdog = threading.Timer(timeout_s, on_timeout) if timeout_s else None
+    try:
+        if watchdog:
+            watchdog.daemon = True
+            watchdog.start()
+        for line in proc.stdout:  # universal newlines: a progress bar's "\r" ends a line too
+            if line.strip():
+                logger.info(line.rstrip())
+                tail.append(line.rstrip())
+        rc = proc.wait()
+    finally:
+        if watchdog:
+            watchdog.cancel()
+        if proc.poll() is None:  # interrupted (cancelled flow run, Prefect timeout): stop the stage too
+            kill()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                kill(signal.SIGKILL)
+    if timed_out.is_set():
+        raise StageFailed(f"{what}: timed out after {timeout_s:.0f} s", transient=True)
+    if rc:
+        text = "\n".join(tail)
+        raise StageFailed(f"{what}: exit status {rc}\n{text}", transient=rc < 0 or bool(TRANSIENT.search(text)))
+
+
+def stages(repo: Path) -> list[str]:
+    """The stage names of dvc.yaml, in their declared (dependency) order."""
+    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
+def uncached_outputs(repo: Path) -> list[str]:
+    """Outputs declared `cache: false` (metrics, run references): `dvc checkout` cannot restore them."""
+    paths = []
+    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                if isinstance(entry, dict):
+                    paths += [path for path, opts in entry.items() if (opts or {}).get("cache", True) is False]
+    return paths
+
+
+def set_params(overrides: dict[str, Any] | None) -> list[str]:
+    """{"diffusion.kind": "ve", "sample.steps": [1, 2]} -> `dvc exp run -S` strings (Hydra override
+    grammar, values as JSON: quoted strings, lists, null)."""
+    return [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
+
+
+def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
+    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept; a key
+    that params.yaml does not have is an error, as with `dvc exp run -S`)."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    sets = set_params(overrides)
+    if sets:
+        dvc_apply_overrides(repo / "params.yaml", sets)
+    return sets
+
+
+def has_commit(repo: Path) -> bool:
+    return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo,
+                          capture_output=True).returncode == 0

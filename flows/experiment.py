@@ -1,0 +1,177 @@
+"""One pipeline experiment as a Prefect flow.
+
+Parameter overrides go into params.yaml through DVC's own `-S` code, each dvc.yaml stage runs as its own
+task (`dvc repro <stage>`: DVC's cache and run-cache skip what did not change), and the finished workspace
+is saved as a DVC experiment (`dvc exp save`), which is what `dvc exp run -S ...` does in one command.
+A failing stage fails the flow run and rolls the workspace back to the results it had before.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from flows import dvcrun
+from flows.registry import lower_is_better, model_name, register_if_better, resolve_uri, run_link
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBERS = ("fid", "is", "kid", "fid_classifier", "is_classifier", "precision", "recall")
+DEFAULT_METRIC = "1-step/fid_classifier"
+
+
+@contextmanager
+def workspace_lock(repo: Path):
+    """One experiment at a time per workspace (the nightly run waits for a manual one, and so on)."""
+    path = repo / ".dvc" / "tmp" / "udddm-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            get_run_logger().info("waiting for another flow run that uses %s", repo)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextmanager
+def rollback_on_failure(repo: Path):
+    """Keep params.yaml, dvc.lock and the uncached outputs; if the body fails, put them back and
+    `dvc checkout` the cached outputs, so a failed experiment leaves the earlier results as they were."""
+    keep = [Path("params.yaml"), Path("dvc.lock"), *map(Path, dvcrun.uncached_outputs(repo))]
+    with tempfile.TemporaryDirectory(dir=repo / ".dvc" / "tmp", prefix="udddm-snapshot-") as snapshot:
+        for rel in keep:
+            if (repo / rel).is_file():
+                (Path(snapshot) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(repo / rel, Path(snapshot) / rel)
+        try:
+            yield
+        except BaseException:
+            logger = get_run_logger()
+            logger.warning("a step failed: restoring params.yaml, dvc.lock and the outputs of before")
+            for rel in keep:
+                saved, current = Path(snapshot) / rel, repo / rel
+                if saved.is_file():
+                    current.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(saved, current)
+                elif current.is_file():
+                    current.unlink()
+            if (repo / "dvc.lock").is_file():
+                try:
+                    dvcrun.run(["checkout", "--force"], repo, logger)
+                except Exception as e:  # never hide the stage's own error behind this one
+                    logger.error("restoring the earlier outputs failed: %s", e)
+            raise
+
+
+@task(name="apply-params", task_run_name="apply-params")
+def apply_params(repo: str, overrides: dict[str, Any] | None) -> list[str]:
+    logger = get_run_logger()
+    try:
+        sets = dvcrun.apply_overrides(Path(repo), overrides)
+    except Exception as e:
+        raise ValueError(f"overrides {overrides}: {e}: {e.__cause__ or ''}") from e
+    logger.info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
+    return sets
+
+
+@task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=30,
+      retry_condition_fn=dvcrun.retry_if_transient)
+def run_stage(stage: str, repo: str, timeout_s: float) -> None:
+    """`dvc repro <stage>`: runs the stage (and anything upstream that is stale) unless DVC's cache
+    says it is up to date; its output streams into this task's log."""
+    dvcrun.run(["repro", stage], Path(repo), get_run_logger(), timeout_s, what=f"stage {stage}")
+
+
+@task(name="save-experiment", task_run_name="save-experiment")
+def save_experiment(repo: str, name: str) -> str | None:
+    """The workspace as a DVC experiment (params, dvc.lock, metrics): `dvc exp show`, `dvc exp apply`."""
+    logger = get_run_logger()
+    if not dvcrun.has_commit(Path(repo)):
+        logger.warning("the repository has no commit yet, so no DVC experiment is saved (dvc.lock holds "
+                       "the lineage); commit once to get `dvc exp show` entries")
+        return None
+    include = [arg for path in dvcrun.uncached_outputs(Path(repo)) if (Path(repo) / path).exists()
+               for arg in ("--include-untracked", path)]
+    dvcrun.run(["exp", "save", "--force", "--name", name, *include], Path(repo), logger)
+    return name
+
+
+@task(name="register-model", task_run_name="register-model")
+def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias: str, metrics: dict) -> dict:
+    """`metrics`: the experiment's out/score/metrics.json, the score of this configuration even when DVC
+    restored the score stage from its run-cache (and so logged nothing new to MLflow)."""
+    logger = get_run_logger()
+    steps, _, key = metric.rpartition("/")
+    if key not in metrics.get(steps, {}):
+        raise ValueError(f"metric {metric!r} is not in out/score/metrics.json (it has "
+                         f"{sorted(f'{s}/{k}' for s, m in metrics.items() for k in m)})")
+    result = register_if_better(tracking_uri, run_id, name, metric, alias, score=metrics[steps][key])
+    logger.info("registered %s version %s (%s = %.6g, %s is better); alias %r %s", name, result["version"],
+                metric, result["score"], result["better"], alias,
+                "moved to it" if result["moved"] else f"stays on version {result['previous_version']} "
+                f"({result['previous_score']})")
+    return result
+
+
+def scores_table(metrics: dict[str, dict]) -> str:
+    columns = [k for k in NUMBERS if any(k in m for m in metrics.values())]
+    rows = [f"| {name} | " + " | ".join(f"{m[k]:.4g}" if k in m else "" for k in columns) + " |"
+            for name, m in metrics.items()]
+    return "\n".join([f"| samples | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|", *rows])
+
+
+def experiment_name() -> str:
+    """The DVC experiment's name: the flow run's, unique with a piece of its id."""
+    return f"{flow_run.name or 'run'}-{str(flow_run.id or '')[:8]}".strip("-")
+
+
+@flow(name="udddm-experiment")
+def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC, registry: bool = True,
+               alias: str = "champion", stage_timeout_s: float = 24 * 3600, stage_retries: int = 2,
+               repo: str | None = None) -> dict:
+    """Run the DVC pipeline with `overrides` ({"diffusion.kind": "ve", "sample.steps": [1, 2]}), one task
+    per stage; register the EMA model as `udddm-<data.source>` and move `alias` to it if `metric`
+    (`<s>-step/<name>`, e.g. 1-step/fid_classifier, lower is better; 1-step/precision, higher) improves."""
+    root = Path(repo).resolve() if repo else REPO
+    lower_is_better(metric)  # an unknown metric fails before any work
+    name = experiment_name()
+    with workspace_lock(root):
+        with rollback_on_failure(root):
+            apply_params(str(root), overrides)
+            for stage in dvcrun.stages(root):
+                run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s)
+        metrics = json.loads((root / "out/score/metrics.json").read_text())
+        reference = json.loads((root / "out/train/mlflow_run.json").read_text())
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        saved = save_experiment(str(root), name)
+    tracking_uri, run_id = resolve_uri(reference["tracking_uri"], root), reference["run_id"]
+    registered = None
+    if registry:
+        registered = register_model(tracking_uri, run_id, model_name(params["data"]["source"]), metric, alias, metrics)
+
+    overridden = " ".join(dvcrun.set_params(overrides)) or "none"
+    lines = [f"## uDDDM experiment `{saved or name}`", "",
+             f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, diffusion "
+             f"`{params['diffusion']['kind']}`, loss `{params['loss']['metric']}`.", "",
+             scores_table(metrics), "", f"MLflow run: {run_link(tracking_uri, run_id)}"]
+    if registered:
+        outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
+        lines += ["", f"Registry: `{registered['name']}` version {registered['version']}, {metric} = "
+                      f"{registered['score']:.4g} ({registered['better']} is better); alias `{alias}` {outcome}."]
+    create_markdown_artifact("\n".join(lines), key="udddm-scores", description="scores of one uDDDM experiment")
+    return {"experiment": saved, "overrides": overrides or {}, "dataset": params["data"]["source"], "metrics": metrics,
+            "run_id": run_id, "tracking_uri": tracking_uri, "registry": registered}
+
+
+if __name__ == "__main__":
+    print(json.dumps(experiment(), indent=2, default=str))

@@ -1,0 +1,103 @@
+"""The MLflow Model Registry step: register a training run's `ema_model` under a name per dataset and
+move an alias (`champion`) to it only when its score beats the current holder's.
+
+Direction is explicit per metric: FID-like distances are better lower, IS / precision / recall higher.
+A metric is named as the score stage logs it into the run: `<s>-step/<name>`, e.g. `1-step/fid_classifier`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+LOWER_IS_BETTER = {"fid", "kid", "fid_classifier"}
+HIGHER_IS_BETTER = {"is", "is_classifier", "precision", "recall"}
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.rsplit("/", 1)[-1]
+    if name in LOWER_IS_BETTER:
+        return True
+    if name in HIGHER_IS_BETTER:
+        return False
+    raise ValueError(f"metric {metric!r}: no known direction; use <s>-step/<name> with <name> one of "
+                     f"{sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
+
+
+def is_better(new: float, old: float, metric: str) -> bool:
+    """Strictly better: a tie keeps the current champion."""
+    return new < old if lower_is_better(metric) else new > old
+
+
+def model_name(dataset: str) -> str:
+    return f"udddm-{dataset}"
+
+
+def resolve_uri(uri: str, repo: Path) -> str:
+    """A relative SQLite URI (the default `sqlite:///mlflow.db`) is relative to the repository."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str((repo / uri[len(prefix):]).resolve())
+    return uri
+
+
+def run_link(tracking_uri: str, run_id: str) -> str:
+    """A markdown link to the run in the MLflow UI (an HTTP server), or how to open it."""
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    fragment = f"#/experiments/{experiment}/runs/{run_id}"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"[{run_id}]({tracking_uri.rstrip('/')}/{fragment})"
+    return f"`{run_id}` in `{tracking_uri}` (`mlflow ui --backend-store-uri {tracking_uri}`, then `/{fragment}`)"
+
+
+def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, alias: str = "champion",
+                       score: float | None = None, artifact: str = "ema_model") -> dict:
+    """Register the run's logged model `artifact` as a version of `name` (once per run), tagged with its
+    `metric` and `score`, and point `alias` at it when there is no holder yet or the score is strictly better
+    than the holder's. `score` defaults to the run's metric in MLflow; pass the experiment's own number
+    (out/score/metrics.json) when DVC restored the score stage from its run-cache without logging it again.
+    The holder's score is its version's `score` tag when that was for the same metric, else its run's metric."""
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run = client.get_run(run_id)
+    if score is None:
+        if metric not in run.data.metrics:
+            raise ValueError(f"MLflow run {run_id} has no metric {metric!r} (it has {sorted(run.data.metrics)}); "
+                             "did the score stage run, and is that step count in sample.steps?")
+        score = run.data.metrics[metric]
+    models = [m for m in client.search_logged_models([run.info.experiment_id],
+                                                     filter_string=f"source_run_id = '{run_id}'") if m.name == artifact]
+    if not models:
+        raise ValueError(f"MLflow run {run_id} has no logged model {artifact!r}")
+    try:
+        client.create_registered_model(name, description="uDDDM EMA networks; alias "
+                                       f"{alias!r}: the best by the registering flow's metric")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    direction = "lower" if lower_is_better(metric) else "higher"
+    version = existing[0] if existing else client.create_model_version(
+        name, source=f"models:/{models[0].model_id}", run_id=run_id, model_id=models[0].model_id,
+        tags={"metric": metric, "score": str(score), "better": direction})
+
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    holder_score = None
+    if holder is not None:
+        holder_score = (float(holder.tags["score"]) if holder.tags.get("metric") == metric and "score" in holder.tags
+                        else client.get_run(holder.run_id).data.metrics.get(metric))
+    if holder is not None and str(holder.version) == str(version.version):
+        moved = False  # already the champion
+    else:
+        moved = holder is None or (holder_score is not None and is_better(score, holder_score, metric))
+    if moved:
+        client.set_registered_model_alias(name, alias, version.version)
+        for key, value in {"metric": metric, "score": str(score), "better": direction}.items():
+            client.set_model_version_tag(name, str(version.version), key, value)  # what earned it the alias
+    return {"name": name, "version": str(version.version), "metric": metric, "score": score, "better": direction,
+            "alias": alias, "moved": moved, "previous_version": str(holder.version) if holder else None,
+            "previous_score": holder_score, "run_link": run_link(tracking_uri, run_id)}

@@ -1,0 +1,136 @@
+"""A grid sweep over params as a Prefect flow, ending with a comparison table and the best model
+registered (its alias moved only when it beats the current champion).
+
+concurrency = 1: one experiment after another in the repository's workspace, each a child flow run of
+`flows.experiment` (per-stage tasks, rollback on failure, `dvc exp save`).
+concurrency > 1: every grid point as a DVC temporary experiment (`dvc exp run --temp`, each in its own
+copy of the workspace under .dvc/tmp/exps), `concurrency` of them at a time on Prefect's thread pool; the
+workspace is left as it is and the results are read back from the experiments' git refs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import dvc.api  # the DVC package (flows.dvcrun is ours)
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import dvcrun
+from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model
+from flows.registry import is_better, lower_is_better, model_name, resolve_uri
+
+DEFAULT_GRID = {"diffusion.kind": ["vp", "ve"], "loss.metric": ["pseudo_huber", "l2"],
+                "sample.steps": [[1, 2], [1, 2, 4]]}
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """{"a": [1, 2], "b": ["x"]} -> [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}] (the last key varies fastest,
+    so neighbours share upstream stages and DVC reruns only what changed)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+@task(name="temp-experiment", task_run_name="{name}", retries=1, retry_delay_seconds=30,
+      retry_condition_fn=dvcrun.retry_if_transient)
+def temp_experiment(repo: str, name: str, overrides: dict[str, Any], timeout_s: float) -> dict:
+    """`dvc exp run --temp -S ...`: the whole pipeline in a temporary copy of the workspace."""
+    root = Path(repo)
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or resolve_uri("sqlite:///mlflow.db", root)  # not the copy's
+    args = ["exp", "run", "--temp", "--name", name, *(a for s in dvcrun.set_params(overrides) for a in ("-S", s))]
+    dvcrun.run(args, root, get_run_logger(), timeout_s, extra_env={"MLFLOW_TRACKING_URI": tracking},
+               what=f"experiment {name}")
+
+    def read(path: str):  # from the experiment's commit
+        return yaml.safe_load(dvc.api.read(path, repo=str(root), rev=name))
+
+    try:
+        reference = read("out/train/mlflow_run.json")
+    except Exception:  # not committed to the experiment (e.g. git-ignored): no registry for this one
+        get_run_logger().warning("experiment %s: out/train/mlflow_run.json is not in its commit", name)
+        reference = {"run_id": None, "tracking_uri": tracking}
+    return {"experiment": name, "overrides": overrides, "metrics": read("out/score/metrics.json"),
+            "run_id": reference["run_id"], "tracking_uri": resolve_uri(reference["tracking_uri"], root),
+            "dataset": read("params.yaml")["data"]["source"]}
+
+
+def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]], metric: str,
+                     best: dict | None) -> str:
+    steps = metric.rpartition("/")[0]
+    head = ["", *grid, metric, "precision", "recall", "DVC experiment"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for point, result in rows:
+        cells = [json.dumps(point[k]) for k in grid]
+        if result is None:
+            lines.append("| failed | " + " | ".join(cells) + " | | | | (see its log) |")
+            continue
+        m = result["metrics"].get(steps, {})
+        numbers = [score_of(result, metric), m.get("precision"), m.get("recall")]
+        lines.append(f"| {'**best**' if result is best else ''} | " + " | ".join(cells) + " | "
+                     + " | ".join("" if v is None else f"{v:.4g}" for v in numbers)
+                     + f" | {result.get('experiment') or ''} |")
+    return "\n".join(lines)
+
+
+def score_of(result: dict, metric: str) -> float | None:
+    steps, _, name = metric.rpartition("/")
+    value = result["metrics"].get(steps, {}).get(name)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+@flow(name="udddm-sweep")
+def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
+          registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
+          repo: str | None = None) -> list[dict]:
+    """Every combination of `grid` ({"diffusion.kind": ["vp", "ve"], "loss.metric": [...]}) on top of
+    `overrides`, `concurrency` at a time; the best by `metric` is registered."""
+    logger = get_run_logger()
+    root = Path(repo).resolve() if repo else REPO
+    lower_is_better(metric)
+    if concurrency < 1:
+        raise ValueError(f"concurrency: {concurrency} must be >= 1")
+    points = grid_points(grid)
+    logger.info("%d grid points, %d at a time", len(points), concurrency)
+    rows: list[tuple[dict, dict | None]] = []
+    if concurrency == 1:
+        for point in points:
+            state = experiment(overrides={**(overrides or {}), **point}, metric=metric, registry=False,
+                               stage_timeout_s=stage_timeout_s, repo=str(root), return_state=True)
+            rows.append((point, state.result() if state.is_completed() else None))
+    else:
+        prefix = experiment_name()
+        with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+            futures = [runner.submit(temp_experiment, {"repo": str(root), "name": f"{prefix}-{i}",
+                                                        "overrides": {**(overrides or {}), **point},
+                                                        "timeout_s": stage_timeout_s})
+                       for i, point in enumerate(points)]
+            wait(futures)
+        for point, future in zip(points, futures):
+            rows.append((point, future.result() if future.state.is_completed() else None))
+
+    scored = [r for _, r in rows if r is not None and score_of(r, metric) is not None]
+    best = None
+    for result in scored:
+        if best is None or is_better(score_of(result, metric), score_of(best, metric), metric):
+            best = result
+    text = [f"## uDDDM sweep: {len(points)} points, by `{metric}` ({'lower' if lower_is_better(metric) else 'higher'} "
+            "is better)", "", comparison_table(grid, rows, metric, best), ""]
+    if best and registry and best["run_id"]:
+        registered = register_model(best["tracking_uri"], best["run_id"], model_name(best["dataset"]), metric,
+                                    alias, best["metrics"])
+        best["registry"] = registered
+        outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
+        text.append(f"Best: {registered['run_link']}, registered as `{registered['name']}` version "
+                    f"{registered['version']}; alias `{alias}` {outcome}.")
+    create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a uDDDM sweep")
+    failed = [point for point, r in rows if r is None]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(points)} grid points failed: {failed}")
+    return [r for _, r in rows]

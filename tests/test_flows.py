@@ -1,0 +1,327 @@
+"""Prefect flows and deployments against real servers on loopback: a Prefect server, an MLflow tracking
+server, the deployments served from a repository copy (`python -m flows.deploy`), runs triggered through
+the Prefect client. Also the registry rule (alias moves only on a better score) against MLflow directly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import ROOT, run_env, tiny_params, write_params
+
+if str(ROOT) not in sys.path:  # `flows` is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+pytestmark = pytest.mark.slow
+
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+         "PREFECT_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "INFO"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """A process in its own process group, so stopping it stops its children (uvicorn, flow runs)."""
+    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group, then SIGKILL to whatever of it is left."""
+    for sig, grace in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up:\n" + log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+                  str(root / "artifacts"), "--workers", "1"], root / "server.log", env=run_env(**QUIET))
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_http(uri + "/health", proc, root / "server.log")
+        yield uri
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = run_env(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+                  **QUIET)
+    proc = start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                 home / "server.log", env=env)
+    try:
+        wait_http(api + "/health", proc, home / "server.log")
+        yield {"PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def prefect_client(settings: dict):
+    """A Prefect client of the test's server (its settings hold while the client is used)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: settings["PREFECT_API_URL"], PREFECT_HOME: settings["PREFECT_HOME"]}):
+        with get_client(sync_client=True) as client:
+            yield client
+
+
+def trigger(client, name: str, parameters: dict, serve_log: Path, timeout: float = 300):
+    """Create a flow run of deployment `name` and wait until it is final."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name, client=client, parameters=parameters, timeout=0, as_subflow=False)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = client.read_flow_run(run.id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run.name} not final after {timeout} s: {run.state}\n"
+                         + serve_log.read_text()[-4000:])
+
+
+def logs_of(client, flow_run_id, until: str | None = None, timeout: float = 30) -> str:
+    """All log messages of a flow run (its tasks' included); waits a little for `until` to arrive."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.time() + timeout
+    while True:
+        messages, offset = [], 0
+        while True:
+            page = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                    offset=offset, sort=LogSort.TIMESTAMP_ASC)
+            messages += [log.message for log in page]
+            offset += len(page)
+            if len(page) < 200:
+                break
+        text = "\n".join(messages)
+        if until is None or until in text or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def artifact(api: str, key: str, flow_run_id) -> str:
+    """The markdown of a flow run's artifact (this Prefect client's read_artifacts sends nulls that the
+    server rejects, so ask the REST API directly)."""
+    found = httpx.post(api + "/artifacts/filter", json={"artifacts": {
+        "key": {"any_": [key]}, "flow_run_id": {"any_": [str(flow_run_id)]}}}).json()
+    assert len(found) == 1, found
+    return found[0]["data"]
+
+
+def dvc(repo: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=run_env(), capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def served(repo_copy, prefect_server, mlflow_server):
+    """The deployments served from a committed repository copy with tiny params; yields (repo, client, log)."""
+    write_params(repo_copy, tiny_params())
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
+    subprocess.run([*git, "add", "-A"], cwd=repo_copy, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny"], cwd=repo_copy, check=True)  # DVC experiments need a commit
+    log = repo_copy.parent / "serve.log"
+    env = run_env(**prefect_server, **QUIET, MLFLOW_TRACKING_URI=mlflow_server, PREFECT_RUNNER_POLL_FREQUENCY="2",
+                  UDDDM_NIGHTLY_CRON=NIGHTLY)
+    proc = start([sys.executable, "-m", "flows.deploy"], log, cwd=repo_copy, env=env)
+    try:
+        with prefect_client(prefect_server) as client:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    deployments = {n: client.read_deployment_by_name(n) for n in DEPLOYMENTS}
+                    break
+                except Exception:
+                    assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                    time.sleep(1)
+            assert [s.schedule.cron for s in deployments["udddm-experiment/nightly"].schedules] == [NIGHTLY]
+            assert not deployments["udddm-experiment/default"].schedules
+            yield repo_copy, client, log
+    finally:
+        stop(proc)
+
+
+NIGHTLY = "0 3 1 1 *"  # far from any test run
+DEPLOYMENTS = ("udddm-experiment/default", "udddm-experiment/nightly", "udddm-sweep/sweep")
+
+
+def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_server, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    repo, client, serve_log = served
+    api = prefect_server["PREFECT_API_URL"]
+    mlflow = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+
+    # `default` with a tiny config (params.yaml) and an override applied through DVC's -S mechanism
+    run = trigger(client, "udddm-experiment/default", {"overrides": {"sample.num_samples": 150}}, serve_log)
+    logs = logs_of(client, run.id, until="> python -m pipeline.score")
+    assert run.state.is_completed(), f"{run.state}\n{logs[-4000:]}"
+    assert "Running stage 'train'" in logs and "> python -m pipeline.score" in logs  # stage output streamed
+    for path in ("out/train/model.pt", "out/samples/1-step.npz", "out/samples/2-step.npz", "out/score/metrics.json"):
+        assert (repo / path).is_file(), path
+    assert "num_samples: 150" in (repo / "params.yaml").read_text()
+    assert "up to date" in dvc(repo, "status")  # dvc.lock describes the workspace: lineage kept
+    assert any(e.startswith(run.name) for e in dvc(repo, "exp", "list", "--name-only").split())
+
+    metrics = json.loads((repo / "out/score/metrics.json").read_text())
+    reference = json.loads((repo / "out/train/mlflow_run.json").read_text())
+    assert reference["tracking_uri"] == mlflow_server
+    mlrun = mlflow.get_run(reference["run_id"])
+    for steps in (1, 2):
+        for key in ("fid_classifier", "is_classifier", "precision", "recall"):
+            assert mlrun.data.metrics[f"{steps}-step/{key}"] == pytest.approx(metrics[f"{steps}-step"][key])
+    models = mlflow.search_logged_models([mlrun.info.experiment_id])
+    assert any(m.source_run_id == mlrun.info.run_id and m.name == "ema_model" for m in models)
+    champion = mlflow.get_model_version_by_alias("udddm-digits", "champion")
+    assert champion.run_id == mlrun.info.run_id
+    assert champion.tags["metric"] == "1-step/fid_classifier"
+    assert float(champion.tags["score"]) == pytest.approx(metrics["1-step"]["fid_classifier"])
+    table = artifact(api, "udddm-scores", run.id)
+    assert "fid_classifier" in table and "| 2-step |" in table
+    assert f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}" in table
+
+    # a bad parameter: the train stage fails, the flow run fails with the stage's error in its logs,
+    # and the earlier results stay as they were
+    kept = ("params.yaml", "dvc.lock", "out/train/model.pt", "out/train/mlflow_run.json", "out/score/metrics.json",
+            "out/samples/1-step.npz")
+    before = {p: digest(repo / p) for p in kept}
+    bad = trigger(client, "udddm-experiment/default", {"overrides": {"diffusion.kind": "subvp"}}, serve_log)
+    logs = logs_of(client, bad.id, until="diffusion.kind")
+    assert bad.state.is_failed(), bad.state
+    assert "Running stage 'train'" in logs and "diffusion.kind" in logs and "subvp" in logs, logs[-4000:]
+    assert logs.count("Running stage 'train'") == 1  # a bad parameter is not retried
+    assert {p: digest(repo / p) for p in before} == before
+    assert mlflow.get_model_version_by_alias("udddm-digits", "champion").version == champion.version
+
+    # `sweep` over the loss: one point retrains, the other is the run above (DVC's run-cache restores it)
+    sweep = trigger(client, "udddm-sweep/sweep", {"grid": {"loss.metric": ["l2", "pseudo_huber"]}}, serve_log)
+    assert sweep.state.is_completed(), logs_of(client, sweep.id)[-4000:]
+    table = artifact(api, "udddm-sweep", sweep.id)
+    assert '| "l2" |' in table and '| "pseudo_huber" |' in table and table.count("**best**") == 1
+    assert len(dvc(repo, "exp", "list", "--name-only").split()) == 3
+    l2_run = next(r for r in mlflow.search_runs([mlrun.info.experiment_id]) if r.data.params["loss.metric"] == "l2")
+    score = {r.info.run_id: r.data.metrics["1-step/fid_classifier"] for r in (mlrun, l2_run)}
+    expected = min(score, key=score.get)  # lower is better; a tie keeps the champion
+    if score[l2_run.info.run_id] == score[mlrun.info.run_id]:
+        expected = mlrun.info.run_id
+    assert mlflow.get_model_version_by_alias("udddm-digits", "champion").run_id == expected
+    assert "up to date" in dvc(repo, "status")
+
+
+def test_nightly_schedule_creates_runs(prefect_server):
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows.deploy import deployments
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"],
+                             PREFECT_HOME: prefect_server["PREFECT_HOME"]}):
+        nightly = next(d for d in deployments() if d.name == "nightly")
+        nightly.name, nightly.paused = "nightly-schedule-check", False  # not the served one (paused when served stops)
+        deployment_id = nightly.apply()
+    deadline, count = time.time() + 45, 0
+    while time.time() < deadline and not count:
+        time.sleep(2)
+        count = httpx.post(prefect_server["PREFECT_API_URL"] + "/flow_runs/count",
+                           json={"deployments": {"id": {"any_": [str(deployment_id)]}}}).json()
+    assert count > 0
+
+
+def test_registry_moves_the_alias_only_on_a_better_score(tmp_path):
+    import mlflow
+    import torch
+
+    from flows.registry import is_better, lower_is_better, register_if_better
+
+    assert lower_is_better("1-step/fid_classifier") and lower_is_better("2-step/kid")
+    assert not lower_is_better("1-step/precision") and not lower_is_better("1-step/is")
+    with pytest.raises(ValueError, match="no known direction"):
+        lower_is_better("1-step/loss")
+    assert is_better(1.0, 2.0, "fid") and not is_better(2.0, 2.0, "fid") and is_better(0.9, 0.8, "recall")
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("registry-test")
+
+    def logged_run(fid: float, recall: float) -> str:
+        with mlflow.start_run() as run:
+            mlflow.log_metrics({"1-step/fid_classifier": fid, "1-step/recall": recall})
+            mlflow.pytorch.log_model(torch.nn.Linear(1, 1), name="ema_model", serialization_format="pickle",
+                                     pip_requirements=["torch"])
+        return run.info.run_id
+
+    first, worse, better = logged_run(5.0, 0.5), logged_run(7.0, 0.9), logged_run(3.0, 0.1)
+    name, metric = "udddm-test", "1-step/fid_classifier"
+    r1 = register_if_better(uri, first, name, metric)
+    assert r1["moved"] and r1["version"] == "1"
+    r2 = register_if_better(uri, worse, name, metric)
+    assert not r2["moved"] and r2["version"] == "2" and r2["previous_version"] == "1"
+    r3 = register_if_better(uri, better, name, metric)
+    assert r3["moved"] and r3["previous_score"] == 5.0
+    again = register_if_better(uri, better, name, metric)  # the same run is registered once
+    assert again["version"] == r3["version"] and not again["moved"]
+    client = mlflow.MlflowClient(uri)
+    assert client.get_model_version_by_alias(name, "champion").run_id == better
+    assert client.get_model_version(name, "2").tags == {"metric": metric, "score": "7.0", "better": "lower"}
+    # higher is better for recall: under its own alias, the run with 0.9 wins
+    for run_id in (first, worse, better):
+        register_if_better(uri, run_id, name, "1-step/recall", alias="best-recall")
+    assert client.get_model_version_by_alias(name, "best-recall").run_id == worse
+    with pytest.raises(ValueError, match="no metric"):
+        register_if_better(uri, first, name, "4-step/fid_classifier")
+    # an explicit score (the experiment's metrics.json) is what is compared, and what the tags record
+    assert not register_if_better(uri, first, name, metric, score=3.0)["moved"]  # a tie keeps the champion
+    moved = register_if_better(uri, first, name, metric, score=2.5)
+    assert moved["moved"] and moved["previous_score"] == 3.0 and moved["version"] == "1"
+    assert client.get_model_version(name, "1").tags["score"] == "2.5"

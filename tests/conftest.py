@@ -25,7 +25,7 @@ TINY = {
     "data": {"image_size": 8},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
               "dropout": 0.0, "num_heads": 2},
-    "diffusion": {"vp": {"T": 100}, "ve": {"T": 100}},
+    "diffusion": {"kind": "vp", "vp": {"T": 100}, "ve": {"T": 100}},  # -S diffusion.kind=ve is a real switch
     "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0},
     "sample": {"steps": [1, 2], "num_samples": 160, "batch_size": 160},
     "score": {"classifier_epochs": 1, "batch_size": 512},

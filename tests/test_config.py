@@ -10,7 +10,8 @@ from dddm.config import ConfigError, load_config, parse_config
 def test_repo_params_load():
     cfg = load_config(ROOT / "params.yaml")
     assert cfg.data.source == "digits"
-    assert cfg.huber_c == 0.00014  # the paper's VP c when huber_c is null
+    assert cfg.loss.huber_c is None  # the paper's c per process
+    assert parse_config(merge(repo_params(), {"diffusion": {"kind": "vp"}})).huber_c == 0.00014
     assert parse_config(merge(repo_params(), {"diffusion": {"kind": "ve"}})).huber_c == 0.00015
 
 

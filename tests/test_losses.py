@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from dddm.losses import adaptive_weight, l1, l2, metric_fn, pseudo_huber, udddm_loss
+from dddm.losses import PAPER_HUBER_C, adaptive_weight, l1, l2, metric_fn, pseudo_huber, udddm_loss
+
+PAPER_C = PAPER_HUBER_C["vp"]
 
 
 def test_adaptive_weight():
@@ -54,3 +56,44 @@ def test_adaptive_loss_combines_guide_and_iterative_terms():
     assert torch.allclose(t3.guide, d(pred, x0).mean())
     assert torch.allclose(t3.iterative, d(pred, est).mean())
     assert torch.allclose(t3.total, 0.25 * t3.guide + 0.75 * t3.iterative)
+
+
+def _minimise_prediction(x0, est, epoch, d, steps=3000):
+    """The prediction p that minimises L(p) = w d(p, x0) + (1 - w) d(p, est) for one sample,
+    found by gradient descent from the midpoint: what a network that fits perfectly would output."""
+    p = ((x0 + est) / 2).clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        udddm_loss(p, x0, est, epoch, d).total.backward()
+        opt.step()
+    return p.detach()
+
+
+def test_with_a_norm_metric_the_loss_optimum_is_the_previous_estimate_from_epoch_two_on():
+    """Why the embedded default's samples are not digits (README, 'Status of the embedded default'):
+    d is a norm (pseudo-Huber with the paper's c), so for w = 1/(n+1) <= 1/2 the triangle
+    inequality gives w d(p, x0) + (1 - w) d(p, est) >= w d(x0, est) = L(est): the per-sample optimum
+    is to copy the estimate, not to move towards the data. At n = 0 it is the data."""
+    torch.manual_seed(0)
+    x0, est = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    d = metric_fn("pseudo_huber", PAPER_C)
+    assert torch.allclose(_minimise_prediction(x0, est, 0, d), x0, atol=0.02)
+    for epoch in (2, 5):
+        assert torch.allclose(_minimise_prediction(x0, est, epoch, d), est, atol=0.02)
+    # and no prediction anywhere beats the copy
+    w = adaptive_weight(2)
+    copy_loss = udddm_loss(est, x0, est, 2, d).total
+    for _ in range(200):
+        p = est + torch.randn_like(est) * torch.rand(1) + torch.rand(1) * (x0 - est)
+        assert udddm_loss(p, x0, est, 2, d).total >= copy_loss - 1e-4
+    assert copy_loss.item() == pytest.approx(w * d(x0, est).item(), rel=1e-5)
+
+
+def test_with_the_squared_l2_metric_the_loss_optimum_moves_a_fraction_w_towards_the_data():
+    torch.manual_seed(1)
+    x0, est = torch.randn(1, 1, 8, 8), torch.randn(1, 1, 8, 8)
+    d = metric_fn("l2", 0.0)
+    for epoch in (0, 1, 4):
+        w = adaptive_weight(epoch)
+        assert torch.allclose(_minimise_prediction(x0, est, epoch, d), w * x0 + (1 - w) * est, atol=0.02)

@@ -71,7 +71,7 @@ def _minimise_prediction(x0, est, epoch, d, steps=3000):
 
 
 def test_with_a_norm_metric_the_loss_optimum_is_the_previous_estimate_from_epoch_two_on():
-    """Why the embedded default's samples are not digits (README, 'Status of the embedded default'):
+    """Why the paper's schedule gives one mean image on the digits (README, 'The embedded default'):
     d is a norm (pseudo-Huber with the paper's c), so for w = 1/(n+1) <= 1/2 the triangle
     inequality gives w d(p, x0) + (1 - w) d(p, est) >= w d(x0, est) = L(est): the per-sample optimum
     is to copy the estimate, not to move towards the data. At n = 0 it is the data."""

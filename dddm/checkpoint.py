@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import distributed
+from .config import parse_config
+from .unet import build_network
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 
@@ -51,7 +53,8 @@ def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store) -> Pat
     final = run_dir / f"ckpt-{step:09d}"
     tmp = run_dir / f"ckpt-{step:09d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    atomic_save({"world_size": world.world_size, "rng": _rng_state(), "store": store.state_dict()},
+    atomic_save({"world_size": world.world_size, "rng": _rng_state(),
+                 "store": store.state_dict() if store is not None else None},
                 tmp / f"rank{world.rank}.pt")
     if world.is_main:
         atomic_save({"step": step, "world_size": world.world_size, "model": net.state_dict(),
@@ -80,29 +83,54 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     ema.load_state_dict(shared["ema"])
     opt.load_state_dict(shared["optimizer"])
     sched.load_state_dict(shared["scheduler"])
-    store.load_state_dict(own["store"])
+    if store is not None:
+        store.load_state_dict(own["store"])
     torch.set_rng_state(own["rng"]["torch"])
     if "cuda" in own["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(own["rng"]["cuda"])
     return int(shared["step"])
 
 
-def save_model(path: Path, cfg, info, module: torch.nn.Module) -> None:
-    """The final EMA network with the params and dataset info needed to rebuild it."""
-    atomic_save({"params": cfg.model_dump(mode="json"), "dataset": asdict(info),
+def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module) -> None:
+    """The final EMA network with the params, method and dataset info needed to rebuild it."""
+    atomic_save({"params": cfg.model_dump(mode="json"), "method": method, "dataset": asdict(info),
                  "state_dict": module.state_dict()}, path)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(network in eval mode, Config, dataset info dict) from a file written by save_model."""
-    from .config import parse_config
-    from .training import build_network
+@dataclass
+class TrainedModel:
+    net: torch.nn.Module  # in eval mode
+    cfg: object           # the Config it was trained with
+    method: object        # its dddm.methods.Method
+    dataset: dict         # the prepared dataset's info
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.dataset["channels"], self.dataset["image_size"], self.dataset["image_size"])
+
+    def with_sampler(self, cfg):
+        """The model's method (its training params) with the sampling params and seed of `cfg`, the
+        current params: sampling settings change without retraining."""
+        return self.cfg.make_method(self.method.name, getattr(cfg.sampler, self.method.name), cfg.seed)
+
+    def untrained(self) -> torch.nn.Module:
+        """The same network as initialised by the train stage (the floor any training must beat)."""
+        torch.manual_seed(self.cfg.seed)
+        return build_network(self.cfg.model, self.dataset["image_size"], self.dataset["channels"],
+                             self.method.conditioning).to(next(self.net.parameters()).device).eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", expect_method: str | None = None) -> TrainedModel:
+    """The network, its params and method from a file written by save_model."""
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found (run the train stage first)")
     blob = torch.load(path, map_location="cpu", weights_only=False)
     cfg = parse_config(blob["params"], str(path))
-    net = build_network(cfg, blob["dataset"]["channels"])
+    method = cfg.make_method(blob["method"])
+    if expect_method is not None and method.name != expect_method:
+        raise ValueError(f"{path}: holds a {method.name} model, not {expect_method}")
+    net = build_network(cfg.model, blob["dataset"]["image_size"], blob["dataset"]["channels"], method.conditioning)
     net.load_state_dict(blob["state_dict"])
-    return net.to(device).eval(), cfg, blob["dataset"]
+    return TrainedModel(net.to(device).eval(), cfg, method, blob["dataset"])

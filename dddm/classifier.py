@@ -103,6 +103,9 @@ def to_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32)
 
 
+HOLDOUT_FRACTION = 0.2  # the share of images kept out of the classifier's training
+
+
 def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The (train, holdout) index split `train_classifier` uses for this n, fraction and seed."""
     if not 0.0 < holdout_fraction < 1.0:
@@ -124,7 +127,7 @@ def accuracy(model: SmallClassifier, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int, *,
-                     epochs: int = 15, batch_size: int = 64, seed: int = 0, holdout_fraction: float = 0.2,
+                     epochs: int = 15, batch_size: int = 64, seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
                      lr: float = 2e-3, width: int = 32, feature_dim: int = 128,
                      progress: bool = True) -> tuple[SmallClassifier, float]:
     """Train a `SmallClassifier` on (N, C, H, W) images (uint8 or float in [-1, 1]) and int labels.

@@ -1,75 +1,60 @@
-"""The schema of params.yaml, validated once at stage start.
+"""The schema of params.yaml, validated once at stage start (and first of all by the check stage).
 
-Every error names the key (`model.channel_mult`, ...) and the offending value, so a bad
-parameter stops a stage before any heavy work.
+Every error names the key (`model.channel_mult`, ...) and the offending value, so a bad parameter
+stops the pipeline before any stage removes an output. Sections with variants are built from
+their registries (dddm.methods.METHODS, dddm.processes.PROCESSES): no choice list is written twice.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import json
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 
-from .diffusion import Diffusion
-from .losses import PAPER_HUBER_C
+from .data import SOURCES
+from .methods import METHODS, Method
+from .schema import Section, check_choice, registry_section
+from .unet import check_architecture
 
 
 class ConfigError(ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Section):
-    source: Literal["digits", "cifar10", "folder"]
-    path: str | None  # local path or fsspec URL, for cifar10 and folder
+class DataConfig(Section):
+    source: str  # a key of dddm.data.SOURCES
+    path: str | None  # local path or fsspec URL, for the sources that read files
     image_size: int = Field(ge=8)
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        return check_choice("source", v, dict.fromkeys(SOURCES))
 
-class ModelConfig(_Section):
+
+class ModelConfig(Section):
+    """The U-Net every method trains; how it takes an x0 estimate is the method's (`conditioning`)."""
+
     base_channels: int = Field(ge=1)
     channel_mult: tuple[PositiveInt, ...] = Field(min_length=1)
     num_blocks: int = Field(ge=1)
     attn_resolutions: tuple[PositiveInt, ...]
     dropout: float = Field(ge=0.0, lt=1.0)
     num_heads: int = Field(ge=1)
-    conditioning: Literal["cross_attention", "concat"]
 
 
-class VPConfig(_Section):
-    T: int = Field(ge=2)
-    beta_min: float = Field(gt=0.0, lt=1.0)
-    beta_max: float = Field(gt=0.0, lt=1.0)
+MethodConfig = registry_section("MethodConfig", METHODS)
+SamplerSection = registry_section("SamplerSection", METHODS, "SamplerConfig")
 
 
-class VEConfig(_Section):
-    T: int = Field(ge=2)
-    sigma_min: float = Field(gt=0.0)
-    sigma_max: float = Field(gt=0.0)
-    rho: float = Field(gt=0.0)  # .inf: the geometric schedule
-
-
-class DiffusionConfig(_Section):
-    kind: Literal["vp", "ve"]
-    vp: VPConfig
-    ve: VEConfig
-
-
-class LossConfig(_Section):
-    metric: Literal["pseudo_huber", "l2", "l1"]
-    huber_c: float | None = Field(gt=0.0)  # null: the paper's c for the diffusion kind
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # per process
-    lr: float = Field(gt=0.0)
+    lr: float = Field(gt=0.0, allow_inf_nan=False)
     warmup_steps: int = Field(ge=0)  # linear lr warm-up; 0 = none
     grad_clip: float | None = Field(gt=0.0)  # max gradient norm; null = no clipping
     ema_decay: float = Field(ge=0.0, lt=1.0)
@@ -77,24 +62,16 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"]
     nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
-    checkpoint_dir: str  # runs live in <checkpoint_dir>/<hash of the training configuration>
+    checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
     resume: Literal["auto", "never"]
 
 
-class StoreConfig(_Section):
-    policy: Literal["auto", "device", "arrow"]
-    dtype: Literal["float32", "float16", "bfloat16"]
-    directory: str | None  # local directory for Arrow store files; null = inside the run's checkpoint dir
-    budget_fraction: float = Field(gt=0.0, le=1.0)  # of free GPU memory / available RAM, for auto
-
-
-class SampleConfig(_Section):
-    steps: tuple[PositiveInt, ...] = Field(min_length=1)
+class SampleConfig(Section):
     num_samples: int = Field(ge=1)
     batch_size: int = Field(ge=1)
 
 
-class ScoreConfig(_Section):
+class ScoreConfig(Section):
     classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in prepare
     inception_weights: str | None  # weights-inception-2015-12-05-6726825d.pth: path or fsspec URL; null = hub cache
     use_inception: Literal["auto", "always", "never"]  # auto: when the weights are found
@@ -106,70 +83,72 @@ class ScoreConfig(_Section):
         return {"auto": None, "always": True, "never": False}[self.use_inception]
 
 
-class TrackingConfig(_Section):
+class TrackingConfig(Section):
     experiment: str = Field(min_length=1)  # MLflow experiment name
-    grid_every_epochs: int = Field(ge=0)  # EMA sample grids (1 and 2 steps) as artifacts; 0 = none
+    grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
 
 
-class Config(_Section):
+class Config(Section):
     """All of params.yaml. No defaults here: params.yaml is the one source of values."""
 
     seed: int = Field(ge=0)
     data: DataConfig
     model: ModelConfig
-    diffusion: DiffusionConfig
-    loss: LossConfig
+    methods: tuple[str, ...] = Field(min_length=1)  # trained, sampled and scored side by side (dvc.yaml matrix)
+    method: MethodConfig
     train: TrainConfig
-    store: StoreConfig
+    sampler: SamplerSection  # each method's sampling params: changing them resamples, never retrains
     sample: SampleConfig
     score: ScoreConfig
     tracking: TrackingConfig
 
-    def make_diffusion(self) -> Diffusion:
-        d = self.diffusion
-        if d.kind == "vp":
-            return Diffusion("vp", d.vp.T, beta_min=d.vp.beta_min, beta_max=d.vp.beta_max)
-        return Diffusion("ve", d.ve.T, sigma_min=d.ve.sigma_min, sigma_max=d.ve.sigma_max, rho=d.ve.rho)
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            check_choice("methods", name, METHODS)
+        if len(set(v)) != len(v):
+            raise ValueError(f"{list(v)} names a method twice")
+        return v
 
-    @property
-    def huber_c(self) -> float:
-        return self.loss.huber_c if self.loss.huber_c is not None else PAPER_HUBER_C[self.diffusion.kind]
+    def method_config(self, name: str) -> Section:
+        check_choice("method", name, METHODS)
+        return getattr(self.method, name)
+
+    def make_method(self, name: str, sampler: Section | None = None, seed: int | None = None) -> Method:
+        """The method `name` with its sections `method.<name>` and `sampler.<name>` (or `sampler`, `seed`)."""
+        check_choice("method", name, METHODS)
+        try:
+            return METHODS[name](self.method_config(name), sampler or getattr(self.sampler, name),
+                                 self.seed if seed is None else seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _check_consistency(cfg: Config) -> None:
-    """Rules that span several keys; each error names the key to change."""
-    m, size = cfg.model, cfg.data.image_size
-    factor = 2 ** (len(m.channel_mult) - 1)
-    if size % factor:
-        raise ConfigError(f"data.image_size: {size} is not divisible by {factor}, the U-Net's downsampling "
-                          f"factor for model.channel_mult of length {len(m.channel_mult)}")
-    reachable = [size // 2**i for i in range(len(m.channel_mult))]
-    bad = [r for r in m.attn_resolutions if r not in reachable]
-    if bad:
-        raise ConfigError(f"model.attn_resolutions: {bad} never occur in the U-Net; it reaches {reachable}")
-    for r in m.attn_resolutions:
-        width = m.base_channels * m.channel_mult[reachable.index(r)]
-        if width % m.num_heads:
-            raise ConfigError(f"model.num_heads: {m.num_heads} does not divide {width}, the channel count "
-                              f"at attention resolution {r}")
-    ve = cfg.diffusion.ve
-    if ve.sigma_min >= ve.sigma_max:
-        raise ConfigError(f"diffusion.ve.sigma_min: {ve.sigma_min} must be < diffusion.ve.sigma_max ({ve.sigma_max})")
-    vp = cfg.diffusion.vp
-    if vp.beta_min > vp.beta_max:
-        raise ConfigError(f"diffusion.vp.beta_min: {vp.beta_min} must be <= diffusion.vp.beta_max ({vp.beta_max})")
+    """Rules that span several sections; each error names the key to change."""
+    m = cfg.model
+    try:
+        check_architecture(cfg.data.image_size, m.base_channels, m.channel_mult, m.attn_resolutions, m.num_heads)
+    except ValueError as e:
+        key = str(e).split(":", 1)[0]
+        raise ConfigError(f"{'data' if key == 'image_size' else 'model'}.{e}") from None
+    for name in METHODS:
+        cfg.make_method(name)  # rules across a method's training and sampling sections
     if cfg.data.source != "digits" and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r} (a local path or fsspec URL)")
-    if not math.isfinite(cfg.train.lr):
-        raise ConfigError(f"train.lr: {cfg.train.lr} must be finite")
 
 
 def _format(error: ValidationError, source: str) -> str:
     lines = []
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = tuple(str(p) for p in e["loc"])
         shown = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        lines.append(f"{source}: {key}: {e['msg']}{shown}")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "method" and loc[1] in METHODS \
+                and loc[2] == "store" and not METHODS[loc[1]].uses_store:
+            msg = f"the x0 store is unused by {loc[1]} (only methods that keep per-sample estimates have one)"
+        lines.append(f"{source}: {'.'.join(loc)}: {msg}{shown}")
     return "\n".join(lines)
 
 
@@ -185,11 +164,16 @@ def merge_params(base: dict, overrides: dict) -> dict:
 
 
 def parse_config(raw: dict, source: str = "params") -> Config:
-    """Validate a params mapping (as read from params.yaml) into a Config."""
+    """Validate a params mapping (as read from params.yaml) into a Config. Validation goes through
+    JSON so types are strict the way YAML users expect: 3 is a valid float, `'3'` and `true` are not ints."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        cfg = Config.model_validate(raw)
+        text = json.dumps(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: a value is not plain YAML data ({e})") from None
+    try:
+        cfg = Config.model_validate_json(text)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
     try:
@@ -203,6 +187,10 @@ def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return parse_config(raw, str(path))
+
+

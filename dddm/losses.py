@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 
 METRICS = ("pseudo_huber", "l2", "l1")
-# The paper's pseudo-Huber constant per noise process.
-PAPER_HUBER_C = {"vp": 0.00014, "ve": 0.00015}
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
@@ -40,11 +38,12 @@ def metric_fn(name: str, c: float):
     raise ValueError(f"metric: {name!r} is not one of {METRICS}")
 
 
-def adaptive_weight(epoch: int) -> float:
-    """w = 1 / (n + 1) for epoch n counted from 0: all guide at first, ever more self-consistency."""
-    if epoch < 0:
-        raise ValueError(f"epoch: {epoch} must be >= 0")
-    return 1.0 / (epoch + 1)
+def adaptive_weight(n: int) -> float:
+    """w = 1 / (n + 1) for n counted from 0 (the epoch, or the step): all guide at first, ever more
+    self-consistency."""
+    if n < 0:
+        raise ValueError(f"n: {n} must be >= 0")
+    return 1.0 / (n + 1)
 
 
 @dataclass
@@ -55,9 +54,9 @@ class LossTerms:
     weight: float
 
 
-def udddm_loss(pred: torch.Tensor, x0: torch.Tensor, x0_est: torch.Tensor, epoch: int, d) -> LossTerms:
+def udddm_loss(pred: torch.Tensor, x0: torch.Tensor, x0_est: torch.Tensor, n: int, d) -> LossTerms:
     """L = w d(pred, x0) + (1 - w) d(pred, x0_est), w = 1 / (n + 1), averaged over the batch."""
-    w = adaptive_weight(epoch)
+    w = adaptive_weight(n)
     guide = d(pred, x0).mean()
     iterative = d(pred, x0_est).mean()
     return LossTerms(total=w * guide + (1.0 - w) * iterative, guide=guide, iterative=iterative, weight=w)

@@ -16,6 +16,7 @@ STREAM_SAMPLE_ESTIMATE = 1
 STREAM_SAMPLE_PRIOR = 2
 STREAM_TRAIN_NOISE = 3
 STREAM_EPOCH_ORDER = 4
+STREAM_SAMPLE_STEP = 5  # the re-noising of multistep samplers, keyed by step
 
 
 def _generators(indices: torch.Tensor, key: tuple[int, ...]):
@@ -40,6 +41,18 @@ def timestep_and_noise_per_index(indices: torch.Tensor, shape: tuple[int, ...], 
         t[row] = torch.randint(1, T + 1, (1,), generator=gen)
         eps[row] = torch.randn(shape, generator=gen)
     return t, eps
+
+
+def uniform_and_noise_per_index(indices: torch.Tensor, shape: tuple[int, ...],
+                                *key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """u ~ U[0, 1) (float64) and eps ~ N(0, I) (float32) per sample, on the CPU, from (*key, index):
+    methods map u to their own noise level (an inverse CDF), so the draw stays per index."""
+    u = torch.empty(len(indices), dtype=torch.float64)
+    eps = torch.empty((len(indices), *shape), dtype=torch.float32)
+    for row, gen in enumerate(_generators(indices, key)):
+        u[row] = torch.rand(1, dtype=torch.float64, generator=gen)
+        eps[row] = torch.randn(shape, generator=gen)
+    return u, eps
 
 
 def generator(*key: int) -> torch.Generator:

@@ -1,4 +1,5 @@
-"""Algorithm 2: one-step and multi-step generation by fixed-point iteration at t = T."""
+"""Batched generation with any method's sampler: sample i's noise depends only on (seed, i), so
+the output is the same for any batch size or device, and only one batch is on the device at a time."""
 
 from __future__ import annotations
 
@@ -7,25 +8,13 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .diffusion import Diffusion
-from .rng import STREAM_SAMPLE_ESTIMATE, STREAM_SAMPLE_PRIOR, normal_per_index
+from .methods import Method
 
 
-@torch.no_grad()
-def iterate_estimates(net, diffusion: Diffusion, x0_est: torch.Tensor, x_T: torch.Tensor,
-                      steps: int) -> torch.Tensor:
-    """x0_est <- f_theta(x0_est, x_T, T), `steps` times, with the same x_T and t = T every time."""
-    t = torch.full((x_T.shape[0],), diffusion.T, dtype=torch.long, device=x_T.device)
-    for _ in range(steps):
-        x0_est = diffusion.denoise(net, x0_est, x_T, t)
-    return x0_est.clamp(-1.0, 1.0)
-
-
-def sample_batches(net, diffusion: Diffusion, num_samples: int, shape: tuple[int, ...], steps: int,
-                   seed: int, batch_size: int, device: torch.device | str = "cpu",
+def sample_batches(method: Method, net, num_samples: int, shape: tuple[int, ...], steps: int,
+                   batch_size: int, device: torch.device | str = "cpu",
                    progress: bool = False) -> Iterator[torch.Tensor]:
-    """Yield CPU float32 batches in [-1, 1]; sample i's noise depends only on (seed, i), so the
-    output is the same for any batch size or device, and only one batch is on the device at a time."""
+    """Yield CPU float32 batches in [-1, 1] of `steps`-step samples of `method`."""
     if steps < 1:
         raise ValueError(f"steps: {steps} must be >= 1")
     if num_samples < 1 or batch_size < 1:
@@ -34,18 +23,15 @@ def sample_batches(net, diffusion: Diffusion, num_samples: int, shape: tuple[int
     net.eval()
     try:
         starts = range(0, num_samples, batch_size)
-        for start in tqdm(starts, desc=f"sampling ({steps}-step)", disable=not progress):
+        for start in tqdm(starts, desc=f"sampling {method.name} ({steps}-step)", disable=not progress):
             idx = torch.arange(start, min(start + batch_size, num_samples))
-            x0_est = normal_per_index(idx, shape, seed, STREAM_SAMPLE_ESTIMATE).to(device)
-            x_T = diffusion.prior(normal_per_index(idx, shape, seed, STREAM_SAMPLE_PRIOR).to(device))
-            yield iterate_estimates(net, diffusion, x0_est, x_T, steps).float().cpu()
+            with torch.inference_mode():
+                yield method.generate(net, idx, shape, steps, device).float().cpu()
     finally:
         net.train(was_training)
 
 
-def sample(net, diffusion: Diffusion, num_samples: int, shape: tuple[int, ...], steps: int,
-           seed: int, batch_size: int = 256, device: torch.device | str = "cpu",
-           progress: bool = False) -> torch.Tensor:
+def sample(method: Method, net, num_samples: int, shape: tuple[int, ...], steps: int,
+           batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
     """All samples as one CPU tensor (num_samples, *shape) in [-1, 1]."""
-    return torch.cat(list(sample_batches(net, diffusion, num_samples, shape, steps, seed,
-                                         batch_size, device, progress)))
+    return torch.cat(list(sample_batches(method, net, num_samples, shape, steps, batch_size, device, progress)))

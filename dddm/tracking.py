@@ -89,7 +89,7 @@ class MlflowTracker:
         self.run_id = run_id
         self.flush_every = flush_every
         self.grid_every_epochs = grid_every_epochs
-        self.grid_sampler = grid_sampler  # callable(ema_module, steps) -> images in [-1, 1]
+        self.grid_sampler = grid_sampler  # callable(ema_module) -> {steps: images in [-1, 1]}
         self._pending: list[Metric] = []
 
     def log_metrics(self, metrics: dict, step: int) -> None:
@@ -105,8 +105,8 @@ class MlflowTracker:
 
     def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
         if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
-            for steps in (1, 2):
-                self.log_image_grid(self.grid_sampler(ema_module, steps), f"grids/epoch{epoch + 1:04d}-{steps}step.png")
+            for steps, images in self.grid_sampler(ema_module).items():
+                self.log_image_grid(images, f"grids/epoch{epoch + 1:04d}-{steps}step.png")
 
     def log_image_grid(self, images: torch.Tensor, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image_grid(images), artifact_file)
@@ -139,10 +139,12 @@ def image_grid(images: torch.Tensor, max_images: int = 64, min_tile: int = 32) -
     return (grid.permute(1, 2, 0) * 255).round().byte().numpy()
 
 
-def ema_grid_sampler(diffusion, shape: tuple[int, ...], seed: int, device, num: int = 64):
-    """A grid sampler for MlflowTracker: `num` EMA samples with fixed noise, so grids are comparable."""
-    def draw(module: torch.nn.Module, steps: int) -> torch.Tensor:
-        return sample(module, diffusion, num, shape, steps, seed, batch_size=num, device=device)
+def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
+    """A grid sampler for MlflowTracker: `num` EMA samples per step count of the method's sampler,
+    with fixed noise, so grids are comparable across epochs."""
+    def draw(module: torch.nn.Module) -> dict[int, torch.Tensor]:
+        return {steps: sample(method, module, num, shape, steps, batch_size=num, device=device)
+                for steps in method.sampler.steps}
     return draw
 
 

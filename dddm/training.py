@@ -1,10 +1,10 @@
-"""The training loop: data shards, the x0 store, DDP, EMA, checkpoints, progress.
+"""The training loop of every method: data shards, the x0 store, DDP, EMA, checkpoints, progress.
 
 Per epoch n, each rank walks its own fixed shard of dataset indices (the same indices its
 store owns) in an order drawn from (seed, n, rank); per batch it gathers the previous
-estimates, runs `training_step`, steps the optimizer, updates the EMA and scatters the
-new estimates. Everything random is keyed by (seed, epoch, index) or saved in the
-checkpoint, so a resumed run continues exactly where the interrupted one stood.
+estimates (methods with a store), computes the method's loss, steps the optimizer, updates the
+EMA and scatters the new estimates. Everything random is keyed by (seed, epoch, index) or saved
+in the checkpoint, so a resumed run continues exactly where the interrupted one stood.
 """
 
 from __future__ import annotations
@@ -25,25 +25,16 @@ from tqdm.auto import tqdm
 from . import checkpoint, distributed
 from .config import Config
 from .data import PreparedDataset
-from .losses import metric_fn
+from .methods import Progress
 from .rng import STREAM_EPOCH_ORDER, generator
-from .step import training_step
 from .store import open_store, owned_indices, store_path
+from .unet import build_network
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
-
-
-def build_network(cfg: Config, channels: int) -> torch.nn.Module:
-    from .unet import UNet
-
-    m = cfg.model
-    return UNet(image_size=cfg.data.image_size, channels=channels, base_channels=m.base_channels,
-                channel_mult=m.channel_mult, num_blocks=m.num_blocks, attn_resolutions=m.attn_resolutions,
-                dropout=m.dropout, num_heads=m.num_heads, conditioning=m.conditioning)
 
 
 def epoch_batches(owned: torch.Tensor, seed: int, epoch: int, rank: int, num_batches: int) -> list[torch.Tensor]:
@@ -60,21 +51,25 @@ class TrainResult:
     history_path: Path  # one JSON row per step, the whole run's (resumes included)
     net: torch.nn.Module  # this rank's trained network (not the EMA)
     ema: AveragedModel
-    store: object  # this rank's x0 store (dddm.store.EstimateStore)
+    store: object | None  # this rank's x0 store (dddm.store.EstimateStore), for methods that keep one
 
 
 PHASES = ("data", "store", "forward", "backward", "optimizer")
-HISTORY_FIELDS = ("step", "epoch", "loss", "guide", "iterative", "weight", "lr", "img_per_s", "store_bytes",
-                  *(f"time_{p}" for p in PHASES))
 
 
-def run_directory(cfg: Config, fingerprint: str) -> Path:
-    """<train.checkpoint_dir>/<hash>: one directory per training configuration and dataset, so
-    `resume: auto` never continues a run of other parameters."""
-    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "diffusion", "loss", "train", "store"})
+def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns of history.jsonl / loss.tsv for a method logging `terms`."""
+    return ("step", "epoch", "loss", *terms, "lr", "img_per_s", "store_bytes", *(f"time_{p}" for p in PHASES))
+
+
+def run_directory(cfg: Config, method: str, fingerprint: str) -> Path:
+    """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration and
+    dataset, so `resume: auto` never continues a run of other parameters."""
+    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
     identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device")}
+    identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
-    return Path(cfg.train.checkpoint_dir) / digest
+    return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 
 
 def _truncate_history(path: Path, last_step: int) -> None:
@@ -84,14 +79,15 @@ def _truncate_history(path: Path, last_step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def write_history(history_path: Path, tsv_path: Path) -> None:
+def write_history(history_path: Path, tsv_path: Path, terms: tuple[str, ...]) -> None:
     """The per-step history as a TSV that `dvc plots` renders."""
+    fields = history_fields(terms)
     tsv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(tsv_path, "w") as out:
-        out.write("\t".join(HISTORY_FIELDS) + "\n")
+        out.write("\t".join(fields) + "\n")
         for line in history_path.read_text().splitlines():
             row = json.loads(line)
-            out.write("\t".join(str(row[k]) for k in HISTORY_FIELDS) + "\n")
+            out.write("\t".join(str(row[k]) for k in fields) + "\n")
 
 
 class NullTracker:
@@ -104,11 +100,11 @@ class NullTracker:
     def on_epoch_end(self, epoch: int, ema_model: torch.nn.Module) -> None: ...
 
 
-def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
+def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
           tracker=None, progress: bool = True) -> TrainResult:
-    """Train per `cfg` on the prepared dataset; write the final EMA model to out_dir/model.pt.
-    `run_dir` holds checkpoints and the x0 store; with train.resume = auto the latest complete
-    checkpoint there is continued."""
+    """Train `method_name` per `cfg` on the prepared dataset; write the final EMA model to
+    out_dir/model.pt. `run_dir` holds checkpoints and the x0 store; with train.resume = auto the
+    latest complete checkpoint there is continued."""
     world = distributed.init(cfg.train.device)
     tracker = tracker if (tracker is not None and world.is_main) else NullTracker()
     out_dir, run_dir = Path(out_dir), Path(run_dir)
@@ -117,8 +113,9 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
     shape = (info.channels, info.image_size, info.image_size)
     tc = cfg.train
 
+    method = cfg.make_method(method_name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    net = build_network(cfg, info.channels).to(world.device)
+    net = build_network(cfg.model, info.image_size, info.channels, method.conditioning).to(world.device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
     opt = torch.optim.Adam(net.parameters(), lr=tc.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps)
@@ -129,20 +126,8 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
     steps_per_epoch = math.ceil(largest_shard / tc.batch_size)
-    diffusion = cfg.make_diffusion()
-    metric = metric_fn(cfg.loss.metric, cfg.huber_c)
-
     latest = checkpoint.latest(run_dir) if tc.resume == "auto" else None
-    store_dir = Path(cfg.store.directory) / run_dir.name if cfg.store.directory else run_dir / "store"
-    stale = store_path(store_dir, world.rank)
-    if latest is None and stale.exists():
-        # No checkpoint refers to these estimates (a run that died before its first checkpoint,
-        # or resume: never), so they cannot be continued consistently: start afresh, said aloud.
-        log.warning("removing %s: no checkpoint of this run refers to it", stale)
-        stale.unlink()
-    store = open_store(cfg.store.policy, store_dir, info.num_samples, shape, cfg.store.dtype,
-                       cfg.seed, info.fingerprint, world.device, world.rank, world.world_size,
-                       cfg.store.budget_fraction, resume=latest is not None)
+    store = _open_store(method, run_dir, latest is not None, info, shape, cfg.seed, world) if method.uses_store else None
     global_step = 0
     history_path = run_dir / "history.jsonl"
     if latest is not None:
@@ -154,11 +139,12 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
             history_path.unlink(missing_ok=True)
         _truncate_history(history_path, global_step)
     if world.is_main:
-        log.info("world size %d, per-rank batch %d, global batch %d, %d steps per epoch, store %s (%s)",
-                 world.world_size, tc.batch_size, tc.batch_size * world.world_size, steps_per_epoch,
-                 type(store).__name__, cfg.store.dtype)
+        log.info("%s: world size %d, per-rank batch %d, global batch %d, %d steps per epoch, store %s",
+                 method.name, world.world_size, tc.batch_size, tc.batch_size * world.world_size, steps_per_epoch,
+                 store.describe() if store is not None else "none")
     tracker.set_tags({"world_size": str(world.world_size), "device": str(world.device),
-                      "store_backend": type(store).__name__, "global_batch": str(tc.batch_size * world.world_size)})
+                      "store_backend": type(store).__name__ if store is not None else "none",
+                      "global_batch": str(tc.batch_size * world.world_size)})
 
     total_steps = tc.epochs * steps_per_epoch
     last: dict = {}
@@ -167,7 +153,8 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
     net.train()
     while global_step < total_steps:
         epoch, position = divmod(global_step, steps_per_epoch)
-        store.begin_epoch(epoch)
+        if store is not None:
+            store.begin_epoch(epoch)
         batches = epoch_batches(owned, cfg.seed, epoch, world.rank, steps_per_epoch)
         for idx in batches[position:]:
             times = dict.fromkeys(PHASES, 0.0)
@@ -181,23 +168,23 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
 
             x0 = dataset.images(idx).to(world.device, non_blocking=True)
             lap("data")
-            est = store.gather(idx)
+            est = store.gather(idx) if store is not None else None
             lap("store")
             with autocast:
-                out = training_step(model, diffusion, x0, idx, est, epoch, metric, cfg.seed)
+                out = method.loss(model, x0, idx, Progress(epoch, global_step, total_steps), est)
             # One small all-reduce gives every rank the same numbers, so all stop together on NaN,
             # before a bad step touches the weights or the store.
-            stats = torch.stack([out.terms.total.detach().float(), out.terms.guide.detach().float(),
-                                 out.terms.iterative.detach().float(),
-                                 torch.tensor(float(len(idx)), device=world.device)])
+            logged = [out.total, *(out.terms[k] for k in method.terms)]
+            stats = torch.stack([torch.as_tensor(v, device=world.device).detach().float() for v in logged] +
+                                [torch.tensor(float(len(idx)), device=world.device)])
             stats = distributed.all_reduce_sum(stats)
-            loss, guide, iterative = (stats[:3] / world.world_size).tolist()
+            loss, *terms = (stats[:-1] / world.world_size).tolist()
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch}); "
                                        f"the last good checkpoint in {run_dir} is kept")
             lap("forward")
             opt.zero_grad(set_to_none=True)
-            out.terms.total.backward()
+            out.total.backward()
             lap("backward")
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
@@ -205,12 +192,13 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
             sched.step()
             ema.update_parameters(net)
             lap("optimizer")
-            store.scatter(idx, out.new_estimates)
+            if store is not None:
+                store.scatter(idx, out.new_estimates)
             lap("store")
             global_step += 1
-            row = {"step": global_step, "epoch": epoch, "loss": loss, "guide": guide, "iterative": iterative,
-                   "weight": out.terms.weight, "lr": sched.get_last_lr()[0],
-                   "img_per_s": stats[3].item() / (mark - t0), "store_bytes": store.nbytes,
+            row = {"step": global_step, "epoch": epoch, "loss": loss, **dict(zip(method.terms, terms)),
+                   "lr": sched.get_last_lr()[0], "img_per_s": stats[-1].item() / (mark - t0),
+                   "store_bytes": store.nbytes if store is not None else 0,
                    **{f"time_{k}": v for k, v in times.items()}}
             if world.is_main:
                 with open(history_path, "a") as f:
@@ -221,7 +209,7 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
             end_of_epoch = global_step % steps_per_epoch == 0
             if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
-                    (end_of_epoch and store.needs_epoch_checkpoint) or global_step == total_steps:
+                    (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps:
                 checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched, store=store)
         tracker.on_epoch_end(epoch, ema.module)
     bar.close()
@@ -229,8 +217,22 @@ def train(cfg: Config, prepared_path: str | Path, out_dir: str | Path, run_dir: 
     model_path = out_dir / "model.pt"
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_model(model_path, cfg, info, ema.module)
-        summary = {k: last[k] for k in ("loss", "guide", "iterative", "weight") if k in last}
+        checkpoint.save_model(model_path, cfg, method.name, info, ema.module)
+        summary = {k: last[k] for k in ("loss", *method.terms) if k in last}
         (out_dir / "train_metrics.json").write_text(json.dumps(summary | {"steps": global_step}, indent=2))
     distributed.barrier()
     return TrainResult(model_path=model_path, global_step=global_step, history_path=history_path, net=net, ema=ema, store=store)
+
+
+def _open_store(method, run_dir: Path, resuming: bool, info, shape, seed: int, world):
+    """This rank's x0 store, in the run directory unless the method's `store.directory` says otherwise."""
+    sc = method.cfg.store
+    store_dir = Path(sc.directory) / run_dir.name if sc.directory else run_dir / "store"
+    stale = store_path(store_dir, world.rank)
+    if not resuming and stale.exists():
+        # No checkpoint refers to these estimates (a run that died before its first checkpoint,
+        # or resume: never), so they cannot be continued consistently: start afresh, said aloud.
+        log.warning("removing %s: no checkpoint of this run refers to it", stale)
+        stale.unlink()
+    return open_store(sc.policy, store_dir, info.num_samples, shape, sc.dtype, seed, info.fingerprint,
+                      world.device, world.rank, world.world_size, sc.budget_fraction, resume=resuming)

@@ -5,7 +5,8 @@ GroupNorm + SiLU and an adaptive scale-shift from the noise embedding, attention
 at chosen resolutions, a res/attention/res middle block and a decoder fed by
 skip connections. The estimate ``x0_est`` is brought in either through
 cross-attention at every attention block (the paper's choice) or by
-concatenating it with ``x_t`` at the input.
+concatenating it with ``x_t`` at the input; methods without an estimate
+(iCT, EDM) build it with conditioning "none" and pass ``x0_est=None``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CONDITIONING_MODES = ("cross_attention", "concat")
+CONDITIONING_MODES = ("cross_attention", "concat", "none")  # none: no x0 estimate (iCT, EDM)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -190,28 +191,19 @@ class EstimateEncoder(nn.Module):
         return features
 
 
-def _validate(image_size, channels, base_channels, channel_mult, num_blocks, attn_resolutions,
-              dropout, num_heads, conditioning) -> None:
-    for name, value in (("channels", channels), ("base_channels", base_channels),
-                        ("num_blocks", num_blocks), ("num_heads", num_heads),
-                        ("image_size", image_size)):
-        if value < 1:
-            raise ValueError(f"{name}: must be >= 1, got {value}")
+def check_architecture(image_size: int, base_channels: int, channel_mult, attn_resolutions, num_heads: int) -> None:
+    """The rules that tie the network's shape to the image size; each message starts with the
+    parameter to change (config.py prefixes its section)."""
     if not channel_mult or any(m < 1 for m in channel_mult):
         raise ValueError(f"channel_mult: must be a non-empty sequence of positive ints, got {channel_mult}")
     factor = 2 ** (len(channel_mult) - 1)
     if image_size % factor:
-        raise ValueError(f"image_size: {image_size} is not divisible by 2**{len(channel_mult) - 1} = "
-                         f"{factor} (len(channel_mult)-1 downsamplings)")
+        raise ValueError(f"image_size: {image_size} is not divisible by {factor}, the U-Net's downsampling "
+                         f"factor for channel_mult of length {len(channel_mult)}")
     reachable = [image_size >> level for level in range(len(channel_mult))]
     unreachable = sorted(set(attn_resolutions) - set(reachable), reverse=True)
     if unreachable:
-        raise ValueError(f"attn_resolutions: {unreachable} never reached; the feature maps of "
-                         f"this network have sides {reachable}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
-    if conditioning not in CONDITIONING_MODES:
-        raise ValueError(f"conditioning: must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+        raise ValueError(f"attn_resolutions: {unreachable} never occur in the U-Net; it reaches {reachable}")
     # The middle block always attends, at the lowest resolution.
     attended = set(attn_resolutions) | {reachable[-1]}
     for level, (side, mult) in enumerate(zip(reachable, channel_mult)):
@@ -220,6 +212,20 @@ def _validate(image_size, channels, base_channels, channel_mult, num_blocks, att
             raise ValueError(f"num_heads: {num_heads} does not divide the width {width} "
                              f"(base_channels {base_channels} * channel_mult[{level}] {mult}) "
                              f"of the {side}x{side} stage, which has attention")
+
+
+def _validate(image_size, channels, base_channels, channel_mult, num_blocks, attn_resolutions,
+              dropout, num_heads, conditioning) -> None:
+    for name, value in (("channels", channels), ("base_channels", base_channels),
+                        ("num_blocks", num_blocks), ("num_heads", num_heads),
+                        ("image_size", image_size)):
+        if value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
+    if conditioning not in CONDITIONING_MODES:
+        raise ValueError(f"conditioning: must be one of {CONDITIONING_MODES}, got {conditioning!r}")
+    check_architecture(image_size, base_channels, channel_mult, attn_resolutions, num_heads)
 
 
 class Unit(nn.ModuleList):
@@ -282,7 +288,7 @@ class UNet(nn.Module):
             return unit
 
         ch = stage_channels[0]
-        self.input_conv = nn.Conv2d(channels if cross else 2 * channels, ch, 3, padding=1)
+        self.input_conv = nn.Conv2d(2 * channels if conditioning == "concat" else channels, ch, 3, padding=1)
 
         # Encoder; each unit's output width is remembered for the decoder's skips.
         self.encoder = nn.ModuleList()
@@ -322,21 +328,27 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
 
-    def forward(self, x0_est: Tensor, x_t: Tensor, noise_label: Tensor) -> Tensor:
+    def forward(self, x0_est: Tensor | None, x_t: Tensor, noise_label: Tensor) -> Tensor:
         expected = (self.channels, self.image_size, self.image_size)
-        if x_t.ndim != 4 or tuple(x_t.shape[1:]) != expected or x0_est.shape != x_t.shape:
-            raise ValueError(f"x0_est and x_t must both be (B, {', '.join(map(str, expected))}), "
-                             f"got {tuple(x0_est.shape)} and {tuple(x_t.shape)}")
+        estimate_ok = x0_est is None if self.conditioning == "none" else \
+            (x0_est is not None and x0_est.shape == x_t.shape)
+        if x_t.ndim != 4 or tuple(x_t.shape[1:]) != expected or not estimate_ok:
+            shown = None if x0_est is None else tuple(x0_est.shape)
+            raise ValueError(f"x_t must be (B, {', '.join(map(str, expected))}) and x0_est "
+                             f"{'None' if self.conditioning == 'none' else 'the same shape'} "
+                             f"(conditioning {self.conditioning!r}), got {shown} and {tuple(x_t.shape)}")
         if noise_label.shape != (x_t.shape[0],):
             raise ValueError(f"noise_label must be ({x_t.shape[0]},), got {tuple(noise_label.shape)}")
 
         emb = self.noise_mlp(noise_embedding(noise_label, self.base_channels))
-        if self.estimate_encoder is not None:
+        context = {}
+        if self.conditioning == "cross_attention":
             context = self.estimate_encoder(x0_est)
             h = self.input_conv(x_t)
-        else:
-            context = {}
+        elif self.conditioning == "concat":
             h = self.input_conv(torch.cat([x0_est, x_t], dim=1))
+        else:
+            h = self.input_conv(x_t)
 
         skips = [h]
         for unit in self.encoder:
@@ -346,3 +358,11 @@ class UNet(nn.Module):
         for unit in self.decoder:
             h = unit(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+
+def build_network(model, image_size: int, channels: int, conditioning: str) -> UNet:
+    """The U-Net of params `model` (a ModelConfig) for images of `channels` x `image_size`^2."""
+    return UNet(image_size=image_size, channels=channels, base_channels=model.base_channels,
+                channel_mult=model.channel_mult, num_blocks=model.num_blocks,
+                attn_resolutions=model.attn_resolutions, dropout=model.dropout, num_heads=model.num_heads,
+                conditioning=conditioning)

@@ -105,15 +105,41 @@ def stages(repo: Path) -> list[str]:
     return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
 
+def expanded_stages(repo: Path) -> dict[str, dict]:
+    """dvc.yaml's stages with each method matrix expanded (`train@edm`, ...) and `${item.method}` filled
+    in from params.yaml's `methods`: the one place the flows learn the pipeline's paths from."""
+    stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    methods = yaml.safe_load((repo / "params.yaml").read_text())["methods"]
+    out = {}
+    for name, stage in stages_.items():
+        if "matrix" not in stage:
+            out[name] = stage
+            continue
+        body = yaml.safe_dump({k: v for k, v in stage.items() if k != "matrix"})
+        for method in methods:
+            out[f"{name}@{method}"] = yaml.safe_load(body.replace("${item.method}", method))
+    return out
+
+
+def _paths(stage: dict, kinds=("outs", "metrics", "plots")) -> list[tuple[str, dict]]:
+    return [(next(iter(e)), next(iter(e.values())) or {}) if isinstance(e, dict) else (e, {})
+            for kind in kinds for e in stage.get(kind) or []]
+
+
 def uncached_outputs(repo: Path) -> list[str]:
     """Outputs declared `cache: false` (metrics, run references): `dvc checkout` cannot restore them."""
-    paths = []
-    for stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                if isinstance(entry, dict):
-                    paths += [path for path, opts in entry.items() if (opts or {}).get("cache", True) is False]
-    return paths
+    return [path for stage in expanded_stages(repo).values() for path, opts in _paths(stage)
+            if opts.get("cache", True) is False]
+
+
+def method_outputs(repo: Path, method: str) -> dict[str, Path]:
+    """Where a method's scores (`metrics`) and MLflow run reference (`run`) are, as dvc.yaml declares them."""
+    stages_ = expanded_stages(repo)
+    if f"score@{method}" not in stages_:
+        raise ValueError(f"method {method!r} is not in params.yaml's methods")
+    metrics = _paths(stages_[f"score@{method}"], ("metrics",))[0][0]
+    run = next(p for p, _ in _paths(stages_[f"train@{method}"], ("outs",)) if p.endswith("mlflow_run.json"))
+    return {"metrics": repo / metrics, "run": repo / run}
 
 
 def set_params(overrides: dict[str, Any] | None) -> list[str]:

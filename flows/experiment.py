@@ -22,11 +22,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows import dvcrun
-from flows.registry import lower_is_better, model_name, register_if_better, resolve_uri, run_link
+from flows.registry import lower_is_better, model_name, register_if_better, resolve_uri, run_link, split_metric
 
 REPO = Path(__file__).resolve().parents[1]
-NUMBERS = ("fid", "is", "kid", "fid_classifier", "is_classifier", "precision", "recall")
-DEFAULT_METRIC = "1-step/fid_classifier"
+NUMBERS = ("fid", "fid_classifier", "precision", "recall", "classes")
+DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
 
 
 @contextmanager
@@ -108,14 +108,14 @@ def save_experiment(repo: str, name: str) -> str | None:
 
 @task(name="register-model", task_run_name="register-model")
 def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias: str, metrics: dict) -> dict:
-    """`metrics`: the experiment's out/score/metrics.json, the score of this configuration even when DVC
+    """`metrics`: the experiment's scores per method, the score of this configuration even when DVC
     restored the score stage from its run-cache (and so logged nothing new to MLflow)."""
     logger = get_run_logger()
-    steps, _, key = metric.rpartition("/")
-    if key not in metrics.get(steps, {}):
-        raise ValueError(f"metric {metric!r} is not in out/score/metrics.json (it has "
-                         f"{sorted(f'{s}/{k}' for s, m in metrics.items() for k in m)})")
-    result = register_if_better(tracking_uri, run_id, name, metric, alias, score=metrics[steps][key])
+    method, row, key = split_metric(metric)
+    if key not in metrics.get(method, {}).get(row, {}):
+        raise ValueError(f"metric {metric!r} is not among the scores (they are "
+                         f"{sorted(f'{m}/{r}/{k}' for m, rows in metrics.items() for r, v in rows.items() for k in v)})")
+    result = register_if_better(tracking_uri, run_id, name, f"{row}/{key}", alias, score=metrics[method][row][key])
     logger.info("registered %s version %s (%s = %.6g, %s is better); alias %r %s", name, result["version"],
                 metric, result["score"], result["better"], alias,
                 "moved to it" if result["moved"] else f"stays on version {result['previous_version']} "
@@ -123,11 +123,20 @@ def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias
     return result
 
 
-def scores_table(metrics: dict[str, dict]) -> str:
-    columns = [k for k in NUMBERS if any(k in m for m in metrics.values())]
+def scores_table(metrics: dict[str, dict[str, dict]]) -> str:
+    """One line per method and row (nfe1, nfe2, ..., untrained)."""
+    flat = {f"{method} {row}": m for method, rows in metrics.items() for row, m in rows.items()}
+    columns = [k for k in NUMBERS if any(k in m for m in flat.values())]
     rows = [f"| {name} | " + " | ".join(f"{m[k]:.4g}" if k in m else "" for k in columns) + " |"
-            for name, m in metrics.items()]
+            for name, m in flat.items()]
     return "\n".join([f"| samples | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|", *rows])
+
+
+def read_scores(root: Path, methods: list[str]) -> tuple[dict, dict]:
+    """({method: its metrics.json}, {method: its MLflow run reference}), at the paths dvc.yaml declares."""
+    paths = {m: dvcrun.method_outputs(root, m) for m in methods}
+    return ({m: json.loads(p["metrics"].read_text()) for m, p in paths.items()},
+            {m: json.loads(p["run"].read_text()) for m, p in paths.items()})
 
 
 def experiment_name() -> str:
@@ -139,38 +148,44 @@ def experiment_name() -> str:
 def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC, registry: bool = True,
                alias: str = "champion", stage_timeout_s: float = 24 * 3600, stage_retries: int = 2,
                repo: str | None = None) -> dict:
-    """Run the DVC pipeline with `overrides` ({"diffusion.kind": "ve", "sample.steps": [1, 2]}), one task
-    per stage; register the EMA model as `udddm-<data.source>` and move `alias` to it if `metric`
-    (`<s>-step/<name>`, e.g. 1-step/fid_classifier, lower is better; 1-step/precision, higher) improves."""
+    """Run the DVC pipeline with `overrides` ({"method.udddm.process": "vp", "sample.num_samples": 512}), one
+    task per stage; register the EMA model of the method `metric` names as `<method>-<data.source>` and move
+    `alias` to it if `metric` (`<method>/nfe<k>/<name>`, e.g. udddm/nfe1/fid_classifier, lower is better;
+    edm/nfe35/recall, higher) improves."""
     root = Path(repo).resolve() if repo else REPO
     lower_is_better(metric)  # an unknown metric fails before any work
+    method = split_metric(metric)[0]
     name = experiment_name()
     with workspace_lock(root):
         with rollback_on_failure(root):
             apply_params(str(root), overrides)
             for stage in dvcrun.stages(root):
                 run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s)
-        metrics = json.loads((root / "out/score/metrics.json").read_text())
-        reference = json.loads((root / "out/train/mlflow_run.json").read_text())
         params = yaml.safe_load((root / "params.yaml").read_text())
+        metrics, references = read_scores(root, params["methods"])
         saved = save_experiment(str(root), name)
-    tracking_uri, run_id = resolve_uri(reference["tracking_uri"], root), reference["run_id"]
+    if method not in references:
+        raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods {params['methods']}")
+    tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]
     registered = None
     if registry:
-        registered = register_model(tracking_uri, run_id, model_name(params["data"]["source"]), metric, alias, metrics)
+        registered = register_model(tracking_uri, run_id, model_name(method, params["data"]["source"]), metric,
+                                    alias, metrics)
 
     overridden = " ".join(dvcrun.set_params(overrides)) or "none"
-    lines = [f"## uDDDM experiment `{saved or name}`", "",
-             f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, diffusion "
-             f"`{params['diffusion']['kind']}`, loss `{params['loss']['metric']}`.", "",
-             scores_table(metrics), "", f"MLflow run: {run_link(tracking_uri, run_id)}"]
+    lines = [f"## Experiment `{saved or name}`", "",
+             f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, methods "
+             f"`{', '.join(params['methods'])}`.", "",
+             scores_table(metrics), "", f"MLflow run of {method}: {run_link(tracking_uri, run_id)}"]
     if registered:
         outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
         lines += ["", f"Registry: `{registered['name']}` version {registered['version']}, {metric} = "
                       f"{registered['score']:.4g} ({registered['better']} is better); alias `{alias}` {outcome}."]
     create_markdown_artifact("\n".join(lines), key="udddm-scores", description="scores of one uDDDM experiment")
     return {"experiment": saved, "overrides": overrides or {}, "dataset": params["data"]["source"], "metrics": metrics,
-            "run_id": run_id, "tracking_uri": tracking_uri, "registry": registered}
+            "run_id": run_id, "tracking_uri": tracking_uri, "registry": registered,
+            "runs": {m: {"run_id": r["run_id"], "tracking_uri": resolve_uri(r["tracking_uri"], root)}
+                     for m, r in references.items()}}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 move an alias (`champion`) to it only when its score beats the current holder's.
 
 Direction is explicit per metric: FID-like distances are better lower, IS / precision / recall higher.
-A metric is named as the score stage logs it into the run: `<s>-step/<name>`, e.g. `1-step/fid_classifier`.
+A metric is `<method>/<row>/<name>`, e.g. `udddm/nfe1/fid_classifier`: the method whose model is registered,
+then the name the score stage logs into that method's run (`<row>/<name>`, the row by network evaluations).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def lower_is_better(metric: str) -> bool:
         return True
     if name in HIGHER_IS_BETTER:
         return False
-    raise ValueError(f"metric {metric!r}: no known direction; use <s>-step/<name> with <name> one of "
+    raise ValueError(f"metric {metric!r}: no known direction; use <method>/nfe<k>/<name> with <name> one of "
                      f"{sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
 
 
@@ -31,8 +32,16 @@ def is_better(new: float, old: float, metric: str) -> bool:
     return new < old if lower_is_better(metric) else new > old
 
 
-def model_name(dataset: str) -> str:
-    return f"udddm-{dataset}"
+def split_metric(metric: str) -> tuple[str, str, str]:
+    """'udddm/nfe1/fid_classifier' -> ('udddm', 'nfe1', 'fid_classifier')."""
+    parts = metric.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"metric {metric!r}: expected <method>/<row>/<name>, e.g. edm/nfe35/fid_classifier")
+    return parts[0], parts[1], parts[2]
+
+
+def model_name(method: str, dataset: str) -> str:
+    return f"{method}-{dataset}"
 
 
 def resolve_uri(uri: str, repo: Path) -> str:

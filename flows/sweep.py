@@ -26,10 +26,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
 from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model
-from flows.registry import is_better, lower_is_better, model_name, resolve_uri
+from flows.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
-DEFAULT_GRID = {"diffusion.kind": ["vp", "ve"], "loss.metric": ["pseudo_huber", "l2"],
-                "sample.steps": [[1, 2], [1, 2, 4]]}
+DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -51,19 +50,24 @@ def temp_experiment(repo: str, name: str, overrides: dict[str, Any], timeout_s: 
     def read(path: str):  # from the experiment's commit
         return yaml.safe_load(dvc.api.read(path, repo=str(root), rev=name))
 
-    try:
-        reference = read("out/train/mlflow_run.json")
-    except Exception:  # not committed to the experiment (e.g. git-ignored): no registry for this one
-        get_run_logger().warning("experiment %s: out/train/mlflow_run.json is not in its commit", name)
-        reference = {"run_id": None, "tracking_uri": tracking}
-    return {"experiment": name, "overrides": overrides, "metrics": read("out/score/metrics.json"),
-            "run_id": reference["run_id"], "tracking_uri": resolve_uri(reference["tracking_uri"], root),
-            "dataset": read("params.yaml")["data"]["source"]}
+    params = read("params.yaml")
+    paths = {m: dvcrun.method_outputs(root, m) for m in params["methods"]}
+    metrics = {m: read(str(p["metrics"].relative_to(root))) for m, p in paths.items()}
+    references = {}
+    for m, p in paths.items():
+        try:
+            references[m] = read(str(p["run"].relative_to(root)))
+        except Exception:  # not committed to the experiment (e.g. git-ignored): no registry for this one
+            get_run_logger().warning("experiment %s: %s is not in its commit", name, p["run"])
+            references[m] = {"run_id": None, "tracking_uri": tracking}
+    return {"experiment": name, "overrides": overrides, "metrics": metrics, "dataset": params["data"]["source"],
+            "runs": {m: {"run_id": r["run_id"], "tracking_uri": resolve_uri(r["tracking_uri"], root)}
+                     for m, r in references.items()}}
 
 
 def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]], metric: str,
                      best: dict | None) -> str:
-    steps = metric.rpartition("/")[0]
+    method, row, _ = split_metric(metric)
     head = ["", *grid, metric, "precision", "recall", "DVC experiment"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for point, result in rows:
@@ -71,7 +75,7 @@ def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]]
         if result is None:
             lines.append("| failed | " + " | ".join(cells) + " | | | | (see its log) |")
             continue
-        m = result["metrics"].get(steps, {})
+        m = result["metrics"].get(method, {}).get(row, {})
         numbers = [score_of(result, metric), m.get("precision"), m.get("recall")]
         lines.append(f"| {'**best**' if result is best else ''} | " + " | ".join(cells) + " | "
                      + " | ".join("" if v is None else f"{v:.4g}" for v in numbers)
@@ -80,8 +84,8 @@ def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]]
 
 
 def score_of(result: dict, metric: str) -> float | None:
-    steps, _, name = metric.rpartition("/")
-    value = result["metrics"].get(steps, {}).get(name)
+    method, row, name = split_metric(metric)
+    value = result["metrics"].get(method, {}).get(row, {}).get(name)
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
@@ -89,8 +93,8 @@ def score_of(result: dict, metric: str) -> float | None:
 def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
           registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
           repo: str | None = None) -> list[dict]:
-    """Every combination of `grid` ({"diffusion.kind": ["vp", "ve"], "loss.metric": [...]}) on top of
-    `overrides`, `concurrency` at a time; the best by `metric` is registered."""
+    """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}) on top of `overrides`,
+    `concurrency` at a time; the best by `metric` (`<method>/nfe<k>/<name>`) is registered."""
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
     lower_is_better(metric)
@@ -122,8 +126,10 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
             best = result
     text = [f"## uDDDM sweep: {len(points)} points, by `{metric}` ({'lower' if lower_is_better(metric) else 'higher'} "
             "is better)", "", comparison_table(grid, rows, metric, best), ""]
-    if best and registry and best["run_id"]:
-        registered = register_model(best["tracking_uri"], best["run_id"], model_name(best["dataset"]), metric,
+    method = split_metric(metric)[0]
+    if best and registry and best["runs"].get(method, {}).get("run_id"):
+        run = best["runs"][method]
+        registered = register_model(run["tracking_uri"], run["run_id"], model_name(method, best["dataset"]), metric,
                                     alias, best["metrics"])
         best["registry"] = registered
         outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"

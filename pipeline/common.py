@@ -1,21 +1,36 @@
-"""What every stage does first: logging, and params.yaml validated once (errors name the key)."""
+"""What every stage does first: logging, its path arguments (given by dvc.yaml), and params.yaml
+validated once (errors name the key)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from dddm.config import Config, ConfigError, load_config
 
 PARAMS = os.environ.get("DDDM_PARAMS", "params.yaml")
 
 
-def start(stage: str) -> Config:
+def start(stage: str, doc: str | None = None, *, per_method: bool = False,
+          **paths: str) -> tuple[Config, argparse.Namespace]:
+    """Parse `--<name> PATH` for each of `paths` ({name: help}) and, for a method's stage, `--method`;
+    set up logging; load and validate params.yaml, exiting with the key named when it is invalid."""
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=doc)
+    for name, help_text in paths.items():
+        ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text)
+    if per_method:
+        ap.add_argument("--method", required=True, help="a key of params `method` (udddm, ict, edm)")
+    args = ap.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s {stage}[{rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        return load_config(PARAMS)
-    except ConfigError as e:
+        cfg = load_config(PARAMS)
+        if per_method:
+            cfg.method_config(args.method)
+    except (ConfigError, ValueError) as e:
         sys.exit(f"{stage}: invalid parameters\n{e}")
+    return cfg, args

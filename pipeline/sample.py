@@ -1,7 +1,5 @@
-"""Stage sample: the EMA model -> out/samples/<s>-step.npz (uint8) and a PNG grid per step count,
-the grids also logged to the training run in MLflow."""
-
-from pathlib import Path
+"""Stage sample: a method's EMA model -> <out>/<s>-step.npz (uint8) and a PNG grid per step count
+(`sampler.<name>.steps`), the grids also logged to the method's MLflow run."""
 
 import numpy as np
 import torch
@@ -13,25 +11,21 @@ from dddm.tracking import RunLogger
 
 from .common import start
 
-MODEL = Path("out/train/model.pt")
-RUN = Path("out/train/mlflow_run.json")
-OUT = Path("out/samples")
-
 
 def main() -> None:
-    cfg = start("sample")
+    cfg, args = start("sample", __doc__, per_method=True, model="the trained model.pt",
+                      run="its mlflow_run.json", out="the directory of samples to write")
     device = resolve_device(cfg.train.device)
-    net, train_cfg, info = load_model(MODEL, device)
-    run = RunLogger(RUN)
-    diffusion = train_cfg.make_diffusion()
-    shape = (info["channels"], info["image_size"], info["image_size"])
-    OUT.mkdir(parents=True, exist_ok=True)
-    for steps in cfg.sample.steps:
-        images = sample(net, diffusion, cfg.sample.num_samples, shape, steps, cfg.seed,
+    trained = load_model(args.model, device, expect_method=args.method)
+    method = trained.with_sampler(cfg)
+    run = RunLogger(args.run)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for steps in method.sampler.steps:
+        images = sample(method, trained.net, cfg.sample.num_samples, trained.shape, steps,
                         cfg.sample.batch_size, device, progress=True)
         as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        np.savez_compressed(OUT / f"{steps}-step.npz", images=as_uint8)
-        run.save_grid(images, OUT / f"{steps}-step.png", f"samples/{steps}-step.png")
+        np.savez_compressed(args.out / f"{steps}-step.npz", images=as_uint8)
+        run.save_grid(images, args.out / f"{steps}-step.png", f"samples/{steps}-step.png")
 
 
 if __name__ == "__main__":

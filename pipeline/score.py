@@ -1,70 +1,74 @@
-"""Stage score: each out/samples/<s>-step.npz against data/reference -> out/score/metrics.json
-(`dvc metrics show`), out/score/by_steps.tsv (`dvc plots show`), and the same numbers in MLflow."""
+"""Stage score: a method's samples (<samples>/<s>-step.npz) against the reference statistics ->
+<out>/metrics.json (the headline numbers per network-evaluation count, `dvc metrics show`),
+<out>/by_steps.tsv (`dvc plots show`), <out>/report.json (everything: class histograms, the
+untrained network's score, uDDDM's t = T diagnostics), and the same numbers in the method's MLflow run."""
 
 import json
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from dddm.checkpoint import load_model
+from dddm.data import PreparedDataset
+from dddm.diagnostics import udddm_diagnostics
 from dddm.distributed import resolve_device
+from dddm.evaluation import HEADLINE, evaluate_samples, headline
+from dddm.methods import UDDDM
 from dddm.sampling import sample
-from dddm.scoring import InceptionWeightsMissing, score_samples
+from dddm.scoring import InceptionWeightsMissing
 from dddm.tracking import RunLogger
-from dddm.training import build_network
 
 from .common import start
 
-DATA = Path("data")
-SAMPLES = Path("out/samples")
-OUT = Path("out/score")
-NUMBERS = ("fid", "is", "kid", "fid_classifier", "is_classifier", "precision", "recall")
-
-
-def untrained_samples(cfg, device) -> np.ndarray:
-    """1-step samples of the network as initialised, the floor any training must beat."""
-    _, train_cfg, info = load_model("out/train/model.pt")
-    torch.manual_seed(train_cfg.seed)
-    net = build_network(train_cfg, info["channels"]).to(device)
-    shape = (info["channels"], info["image_size"], info["image_size"])
-    images = sample(net, train_cfg.make_diffusion(), cfg.sample.num_samples, shape, 1, cfg.seed,
-                    cfg.sample.batch_size, device)
-    return images.numpy()
+COLUMNS = ("steps", "nfe", *HEADLINE)
 
 
 def main() -> None:
-    cfg = start("score")
+    cfg, args = start("score", __doc__, per_method=True, samples="the method's samples directory",
+                      model="its model.pt", run="its mlflow_run.json", prepared="the prepared Arrow file",
+                      reference="the reference statistics directory", classifier="the scoring classifier",
+                      out="the directory for metrics.json, by_steps.tsv and report.json")
     device = resolve_device(cfg.train.device)
-    sets = {f"{s}-step": SAMPLES / f"{s}-step.npz" for s in cfg.sample.steps}
-    for name, path in sets.items():
-        if not path.is_file():
-            raise SystemExit(f"score: {path}: samples not found (run the sample stage)")
-    loaded = {name: np.load(path)["images"] for name, path in sets.items()}
-    if cfg.score.untrained_baseline:
-        loaded["untrained/1-step"] = untrained_samples(cfg, device)
+    trained = load_model(args.model, device, expect_method=args.method)
+    method = trained.with_sampler(cfg)
+    paths = {s: args.samples / f"{s}-step.npz" for s in method.sampler.steps}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"score: {', '.join(missing)}: samples not found (run the sample stage)")
 
-    metrics = {}
+    def evaluate(images: np.ndarray, name: str) -> dict:
+        return evaluate_samples(images, args.reference, args.classifier, cfg.score, device, name)
+
+    report: dict = {"method": method.name, "rows": []}
     try:
-        for name, images in loaded.items():
-            metrics[name] = score_samples(images, reference_dir=DATA / "reference",
-                                          classifier_path=DATA / "classifier.pt",
-                                          inception_weights=cfg.score.inception_weights,
-                                          use_inception=cfg.score.inception_required,
-                                          batch_size=cfg.score.batch_size, device=device,
-                                          samples_name=str(sets.get(name, name)))
+        for steps, path in paths.items():
+            row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(np.load(path)["images"], str(path))
+            report["rows"].append(row)
+        if cfg.score.untrained_baseline:
+            images = sample(method, trained.untrained(), cfg.sample.num_samples, trained.shape, 1,
+                            cfg.sample.batch_size, device).numpy()
+            report["untrained"] = evaluate(images, "untrained network samples")
     except (InceptionWeightsMissing, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"score: {e}")
+    if isinstance(method, UDDDM):
+        data = PreparedDataset(args.prepared).images(range(16))
+        report["diagnostics"] = udddm_diagnostics(method, trained.net, data, device)
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    present = [k for k in NUMBERS if k in metrics[next(iter(sets))]]
-    with open(OUT / "by_steps.tsv", "w") as f:
-        f.write("\t".join(["steps", *present]) + "\n")
-        for s in cfg.sample.steps:
-            f.write("\t".join([str(s), *(str(metrics[f"{s}-step"][k]) for k in present)]) + "\n")
-    RunLogger(Path("out/train/mlflow_run.json")).log_metrics(
-        {f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items() if k in NUMBERS})
+    metrics = {f"nfe{row['nfe']}": headline(row) for row in report["rows"]}
+    if "untrained" in report:
+        metrics["untrained"] = {k: v for k, v in headline(report["untrained"]).items() if k.startswith("fid")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    present = [c for c in COLUMNS if c in report["rows"][0]]
+    with open(args.out / "by_steps.tsv", "w") as f:
+        f.write("\t".join(present) + "\n")
+        for row in report["rows"]:
+            f.write("\t".join(str(row[c]) for c in present) + "\n")
+    RunLogger(args.run).log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+    network = report["rows"][0]["feature_network"]
+    print(f"score: {method.name} ({network} features)")
+    for name, m in metrics.items():
+        print(f"  {name:>10}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
 
 
 if __name__ == "__main__":

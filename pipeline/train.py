@@ -1,8 +1,8 @@
-"""Stage train: run under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train` (or plain python).
+"""Stage train: one method, under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train` (or plain python).
 
-Writes out/train/model.pt (the EMA network), train_metrics.json, loss.tsv and mlflow_run.json
-(the MLflow run that sample and score log into). Checkpoints and the x0 store live in
-<train.checkpoint_dir>/<run>, outside DVC's outputs, so an interrupted `dvc repro` resumes.
+Writes <out>/model.pt (the EMA network), train_metrics.json, loss.tsv and mlflow_run.json (the MLflow
+run that sample and score log into). Checkpoints and the x0 store live in
+<train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an interrupted `dvc repro` resumes.
 """
 
 import json
@@ -15,42 +15,41 @@ from dddm.training import TrainingDiverged, run_directory, train, write_history
 
 from .common import start
 
-PREPARED = Path("data/prepared.arrow")
-OUT = Path("out/train")
 
-
-def make_tracker(cfg, run_dir: Path, info, device) -> MlflowTracker:
+def make_tracker(cfg, method, run_dir: Path, info, device) -> MlflowTracker:
     """Rank 0's MLflow run; a resumed training run keeps logging into the run it started."""
     run_file = run_dir / "mlflow_run.json"
     resuming = run_file.exists() and cfg.train.resume == "auto" and checkpoint.latest(run_dir) is not None
     shape = (info.channels, info.image_size, info.image_size)
-    tracker = MlflowTracker(cfg.tracking.experiment, cfg.model_dump(mode="json"),
-                            tags={"dataset": info.source, "dataset_fingerprint": info.fingerprint,
-                                  "diffusion": cfg.diffusion.kind},
+    params = cfg.model_dump(mode="json", exclude={"method", "methods"}) | \
+        {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
+    tracker = MlflowTracker(cfg.tracking.experiment, params,
+                            tags={"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint},
                             run_id=json.loads(run_file.read_text())["run_id"] if resuming else None,
                             grid_every_epochs=cfg.tracking.grid_every_epochs,
-                            grid_sampler=ema_grid_sampler(cfg.make_diffusion(), shape, cfg.seed, device))
+                            grid_sampler=ema_grid_sampler(method, shape, device))
     write_run_reference(run_file, tracker.run_id)
     return tracker
 
 
 def main() -> None:
-    cfg = start("train")
+    cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
+                      out="the directory for model.pt, loss.tsv, train_metrics.json, mlflow_run.json")
     world = distributed.init(cfg.train.device)
-    info = PreparedDataset(PREPARED).info
-    run_dir = run_directory(cfg, info.fingerprint)
+    info = PreparedDataset(args.prepared).info
+    method = cfg.make_method(args.method)
+    run_dir = run_directory(cfg, method.name, info.fingerprint)
     tracker = None
     try:
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tracker = make_tracker(cfg, run_dir, info, world.device)
-        result = train(cfg, PREPARED, OUT, run_dir, tracker=tracker)
+            tracker = make_tracker(cfg, method, run_dir, info, world.device)
+        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker)
         if tracker:
-            write_history(result.history_path, OUT / "loss.tsv")
-            model, _, _ = checkpoint.load_model(result.model_path)
-            tracker.log_model(model)
+            write_history(result.history_path, args.out / "loss.tsv", method.terms)
+            tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
-            write_run_reference(OUT / "mlflow_run.json", tracker.run_id)
+            write_run_reference(args.out / "mlflow_run.json", tracker.run_id)
     except (TrainingDiverged, TrackingUnavailable) as e:
         if tracker:
             tracker.finish("FAILED")

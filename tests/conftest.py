@@ -25,10 +25,13 @@ TINY = {
     "data": {"image_size": 8},
     "model": {"base_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4],
               "dropout": 0.0, "num_heads": 2},
-    "diffusion": {"kind": "vp", "vp": {"T": 100}, "ve": {"T": 100}},  # -S diffusion.kind=ve is a real switch
+    # VP here, so that -S method.udddm.process=ve is a real switch
+    "method": {"udddm": {"process": "vp", "processes": {"vp": {"T": 100}, "ve": {"T": 100}}}},
     "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0},
-    "sample": {"steps": [1, 2], "num_samples": 160, "batch_size": 160},
+    "sampler": {"edm": {"steps": [4]}},
+    "sample": {"num_samples": 160, "batch_size": 160},
     "score": {"classifier_epochs": 1, "batch_size": 512},
+    "tracking": {"grid_every_epochs": 0},
 }
 
 
@@ -44,13 +47,11 @@ def run_env(**extra) -> dict:
     return env
 
 
-@pytest.fixture
-def repo_copy(tmp_path) -> Path:
+def copy_repo(dest: Path) -> Path:
     """The repository's source (tracked and untracked-but-not-ignored files, without stage
-    outputs a developer may have produced) in a fresh git repo."""
+    outputs a developer may have produced) in a fresh git repo at `dest`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
-    dest = tmp_path / "repo"
     for name in files:
         src = ROOT / name
         if src.is_file() and not name.startswith(("data/", "out/")):
@@ -58,6 +59,11 @@ def repo_copy(tmp_path) -> Path:
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path) -> Path:
+    return copy_repo(tmp_path / "repo")
 
 
 def write_params(repo: Path, params: dict) -> None:

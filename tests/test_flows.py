@@ -206,53 +206,55 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
 
     # `default` with a tiny config (params.yaml) and an override applied through DVC's -S mechanism
     run = trigger(client, "udddm-experiment/default", {"overrides": {"sample.num_samples": 150}}, serve_log)
-    logs = logs_of(client, run.id, until="> python -m pipeline.score")
+    logs = logs_of(client, run.id, until="> python -m pipeline.compare")
     assert run.state.is_completed(), f"{run.state}\n{logs[-4000:]}"
-    assert "Running stage 'train'" in logs and "> python -m pipeline.score" in logs  # stage output streamed
-    for path in ("out/train/model.pt", "out/samples/1-step.npz", "out/samples/2-step.npz", "out/score/metrics.json"):
+    assert "Running stage 'train@udddm'" in logs and "> python -m pipeline.score" in logs  # stage output streamed
+    for path in ("out/train/udddm/model.pt", "out/samples/udddm/1-step.npz", "out/samples/edm/4-step.npz",
+                 "out/score/ict/metrics.json", "out/compare/table.md"):
         assert (repo / path).is_file(), path
     assert "num_samples: 150" in (repo / "params.yaml").read_text()
     assert "up to date" in dvc(repo, "status")  # dvc.lock describes the workspace: lineage kept
     assert any(e.startswith(run.name) for e in dvc(repo, "exp", "list", "--name-only").split())
 
-    metrics = json.loads((repo / "out/score/metrics.json").read_text())
-    reference = json.loads((repo / "out/train/mlflow_run.json").read_text())
+    metrics = json.loads((repo / "out/score/udddm/metrics.json").read_text())
+    reference = json.loads((repo / "out/train/udddm/mlflow_run.json").read_text())
     assert reference["tracking_uri"] == mlflow_server
     mlrun = mlflow.get_run(reference["run_id"])
-    for steps in (1, 2):
-        for key in ("fid_classifier", "is_classifier", "precision", "recall"):
-            assert mlrun.data.metrics[f"{steps}-step/{key}"] == pytest.approx(metrics[f"{steps}-step"][key])
+    for row in ("nfe1", "nfe2"):
+        for key in ("fid_classifier", "precision", "recall", "classes"):
+            assert mlrun.data.metrics[f"{row}/{key}"] == pytest.approx(metrics[row][key])
     models = mlflow.search_logged_models([mlrun.info.experiment_id])
     assert any(m.source_run_id == mlrun.info.run_id and m.name == "ema_model" for m in models)
     champion = mlflow.get_model_version_by_alias("udddm-digits", "champion")
     assert champion.run_id == mlrun.info.run_id
-    assert champion.tags["metric"] == "1-step/fid_classifier"
-    assert float(champion.tags["score"]) == pytest.approx(metrics["1-step"]["fid_classifier"])
+    assert champion.tags["metric"] == "nfe1/fid_classifier"
+    assert float(champion.tags["score"]) == pytest.approx(metrics["nfe1"]["fid_classifier"])
     table = artifact(api, "udddm-scores", run.id)
-    assert "fid_classifier" in table and "| 2-step |" in table
+    assert "fid_classifier" in table and "| udddm nfe2 |" in table and "| edm nfe7 |" in table
     assert f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}" in table
 
-    # a bad parameter: the train stage fails, the flow run fails with the stage's error in its logs,
-    # and the earlier results stay as they were
-    kept = ("params.yaml", "dvc.lock", "out/train/model.pt", "out/train/mlflow_run.json", "out/score/metrics.json",
-            "out/samples/1-step.npz")
+    # a bad parameter: the check stage fails, the flow run fails with the key in its logs, and the
+    # earlier results stay as they were
+    kept = ("params.yaml", "dvc.lock", "out/train/udddm/model.pt", "out/train/udddm/mlflow_run.json",
+            "out/score/udddm/metrics.json", "out/samples/udddm/1-step.npz")
     before = {p: digest(repo / p) for p in kept}
-    bad = trigger(client, "udddm-experiment/default", {"overrides": {"diffusion.kind": "subvp"}}, serve_log)
-    logs = logs_of(client, bad.id, until="diffusion.kind")
+    bad = trigger(client, "udddm-experiment/default", {"overrides": {"method.udddm.process": "subvp"}}, serve_log)
+    logs = logs_of(client, bad.id, until="method.udddm.process")
     assert bad.state.is_failed(), bad.state
-    assert "Running stage 'train'" in logs and "diffusion.kind" in logs and "subvp" in logs, logs[-4000:]
-    assert logs.count("Running stage 'train'") == 1  # a bad parameter is not retried
+    assert "Running stage 'check'" in logs and "method.udddm.process" in logs and "subvp" in logs, logs[-4000:]
+    assert logs.count("Running stage 'check'") == 1  # a bad parameter is not retried
     assert {p: digest(repo / p) for p in before} == before
     assert mlflow.get_model_version_by_alias("udddm-digits", "champion").version == champion.version
 
-    # `sweep` over the loss: one point retrains, the other is the run above (DVC's run-cache restores it)
-    sweep = trigger(client, "udddm-sweep/sweep", {"grid": {"loss.metric": ["l2", "pseudo_huber"]}}, serve_log)
+    # `sweep` over uDDDM's loss: one point retrains uDDDM, the other is the run above (DVC's run-cache)
+    sweep = trigger(client, "udddm-sweep/sweep", {"grid": {"method.udddm.metric": ["l2", "pseudo_huber"]}}, serve_log)
     assert sweep.state.is_completed(), logs_of(client, sweep.id)[-4000:]
     table = artifact(api, "udddm-sweep", sweep.id)
     assert '| "l2" |' in table and '| "pseudo_huber" |' in table and table.count("**best**") == 1
     assert len(dvc(repo, "exp", "list", "--name-only").split()) == 3
-    l2_run = next(r for r in mlflow.search_runs([mlrun.info.experiment_id]) if r.data.params["loss.metric"] == "l2")
-    score = {r.info.run_id: r.data.metrics["1-step/fid_classifier"] for r in (mlrun, l2_run)}
+    l2_run = next(r for r in mlflow.search_runs([mlrun.info.experiment_id])
+                  if r.data.params.get("method.udddm.metric") == "l2")
+    score = {r.info.run_id: r.data.metrics["nfe1/fid_classifier"] for r in (mlrun, l2_run)}
     expected = min(score, key=score.get)  # lower is better; a tie keeps the champion
     if score[l2_run.info.run_id] == score[mlrun.info.run_id]:
         expected = mlrun.info.run_id
@@ -284,10 +286,10 @@ def test_registry_moves_the_alias_only_on_a_better_score(tmp_path):
 
     from flows.registry import is_better, lower_is_better, register_if_better
 
-    assert lower_is_better("1-step/fid_classifier") and lower_is_better("2-step/kid")
-    assert not lower_is_better("1-step/precision") and not lower_is_better("1-step/is")
+    assert lower_is_better("udddm/nfe1/fid_classifier") and lower_is_better("edm/nfe35/kid")
+    assert not lower_is_better("ict/nfe1/precision") and not lower_is_better("udddm/nfe1/is")
     with pytest.raises(ValueError, match="no known direction"):
-        lower_is_better("1-step/loss")
+        lower_is_better("udddm/nfe1/loss")
     assert is_better(1.0, 2.0, "fid") and not is_better(2.0, 2.0, "fid") and is_better(0.9, 0.8, "recall")
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from dddm.losses import PAPER_HUBER_C, adaptive_weight, l1, l2, metric_fn, pseudo_huber, udddm_loss
+from dddm.losses import adaptive_weight, l1, l2, metric_fn, pseudo_huber, udddm_loss
+from dddm.processes import PAPER_HUBER_C
 
 PAPER_C = PAPER_HUBER_C["vp"]
 
@@ -12,7 +13,7 @@ def test_adaptive_weight():
     assert adaptive_weight(0) == 1.0
     for n in (1, 2, 9, 99):
         assert adaptive_weight(n) == pytest.approx(1 / (n + 1))
-    with pytest.raises(ValueError, match="^epoch"):
+    with pytest.raises(ValueError, match="^n"):
         adaptive_weight(-1)
 
 

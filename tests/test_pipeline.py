@@ -1,76 +1,152 @@
 """The DVC pipeline end to end: real `dvc repro` in a copy of the repository."""
 
+import hashlib
 import json
 import subprocess
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from conftest import run_env, tiny_params, write_params
+from conftest import copy_repo, run_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
+METHODS = ("udddm", "ict", "edm")
 
 
 def dvc(repo, *args):
     return subprocess.run(["dvc", *args], cwd=repo, env=run_env(), capture_output=True, text=True, timeout=900)
 
 
-def test_dvc_repro_end_to_end_then_noop_then_sample_only(repo_copy):
-    write_params(repo_copy, tiny_params())
-    first = dvc(repo_copy, "repro")
-    assert first.returncode == 0, first.stdout + first.stderr
-    info = json.loads((repo_copy / "data/prepared.json").read_text())
+def ran(result) -> list[str]:
+    return [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def snapshot(repo) -> dict[str, str]:
+    """Every file under out/ and data/ with its content hash."""
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in ("out", "data") for p in sorted((repo / root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    """One tiny `dvc repro` of the whole graph, shared by the tests that only read or re-run it."""
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    write_params(repo, tiny_params())
+    first = dvc(repo, "repro")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return repo, first
+
+
+def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduced):
+    repo, first = reproduced
+    assert ran(first)[:3] == ["Running stage 'check':", "Running stage 'prepare':", "Running stage 'reference':"]
+    info = json.loads((repo / "data/prepared.json").read_text())
     assert info["num_samples"] == 1797 and info["channels"] == 1 and info["image_size"] == 8
-    assert (repo_copy / "out/train/model.pt").is_file()
-    assert "loss" in (repo_copy / "out/train/loss.tsv").read_text().splitlines()[0]
-    for steps in (1, 2):
-        images = np.load(repo_copy / f"out/samples/{steps}-step.npz")["images"]
-        assert images.shape == (160, 1, 8, 8) and images.dtype == np.uint8
-        assert (repo_copy / f"out/samples/{steps}-step.png").stat().st_size > 0
+    nfe = {"udddm": (1, 2), "ict": (1, 2), "edm": (7,)}  # tiny: EDM with 4 Heun steps
+    for name in METHODS:
+        assert (repo / f"out/train/{name}/model.pt").is_file()
+        assert "loss" in (repo / f"out/train/{name}/loss.tsv").read_text().splitlines()[0]
+        metrics = json.loads((repo / f"out/score/{name}/metrics.json").read_text())
+        assert set(metrics) == {f"nfe{n}" for n in nfe[name]} | {"untrained"}, metrics
+        for key, m in metrics.items():
+            if key != "untrained":
+                assert m["fid_classifier"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+                assert 0 <= m["classes"] <= 10
+        report = json.loads((repo / f"out/score/{name}/report.json").read_text())
+        assert all(sum(row["class_histogram"]) == 160 for row in report["rows"])
+        assert ("diagnostics" in report) == (name == "udddm")
+    images = np.load(repo / "out/samples/udddm/2-step.npz")["images"]
+    assert images.shape == (160, 1, 8, 8) and images.dtype == np.uint8
+    real = json.loads((repo / "out/real/metrics.json").read_text())["real"]
+    assert real["classes"] == 10 and real["fid_classifier"] < 50
+    table = (repo / "out/compare/table.md").read_text()
+    assert all(f"| {name} |" in table for name in METHODS) and "real digits" in table
+    assert (repo / "out/compare/grids.png").stat().st_size > 0
+    shown = dvc(repo, "metrics", "show")
+    assert "nfe35" not in shown.stdout and "nfe7.fid_classifier" in shown.stdout, shown.stdout + shown.stderr
 
-    again = dvc(repo_copy, "repro")
+
+def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):
+    repo, _ = reproduced
+    again = dvc(repo, "repro")
     assert again.returncode == 0, again.stderr
-    assert "Running stage" not in again.stdout, again.stdout
-
-    metrics = json.loads((repo_copy / "out/score/metrics.json").read_text())
-    assert set(metrics) == {"1-step", "2-step", "untrained/1-step"}
-    for name, m in metrics.items():
-        assert m["feature_network"] == "classifier" and "fid" not in m, name
-        assert m["fid_classifier"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
-    assert "fid_classifier" in (repo_copy / "out/score/by_steps.tsv").read_text()
-    shown = dvc(repo_copy, "metrics", "show")
-    assert "fid_classifier" in shown.stdout, shown.stdout + shown.stderr
-
-    write_params(repo_copy, tiny_params(sample={"num_samples": 150}))
-    third = dvc(repo_copy, "repro")
+    assert ran(again) == [], again.stdout
+    write_params(repo, tiny_params(sampler={"ict": {"steps": [1]}}))
+    third = dvc(repo, "repro")
     assert third.returncode == 0, third.stderr
-    ran = [line for line in third.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'sample':", "Running stage 'score':"], third.stdout
-    assert np.load(repo_copy / "out/samples/1-step.npz")["images"].shape[0] == 150
+    assert ran(third) == ["Running stage 'check':", "Running stage 'sample@ict':", "Running stage 'score@ict':",
+                          "Running stage 'compare':"], third.stdout
+    assert not (repo / "out/samples/ict/2-step.npz").exists()
 
 
-def test_bad_parameter_stops_the_stage_naming_the_key(repo_copy):
-    write_params(repo_copy, tiny_params(diffusion={"kind": "subvp"}))
-    result = dvc(repo_copy, "repro")
-    assert result.returncode != 0
-    assert "diffusion.kind" in result.stderr + result.stdout
+INVALID = [  # (mutation of the tiny params, the key the error must name)
+    ({"train": {"epochs": -1}}, "train.epochs"), ({"train": {"epochs": True}}, "train.epochs"),
+    ({"train": {"epochs": "3"}}, "train.epochs"), ({"train": {"nproc": 0}}, "train.nproc"),
+    ({"train": {"nproc": "two"}}, "train.nproc"), ({"train": {"lr": -1.0}}, "train.lr"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"), ({"train": {"device": "tpu"}}, "train.device"),
+    ({"train": {"device": "cuda"}}, "train.device"), ({"train": {"resume": "maybe"}}, "train.resume"),
+    ({"train": {"checkpoint_dir": "/proc/nope"}}, "train.checkpoint_dir"),
+    ({"train": {"ema_decay": 1.5}}, "train.ema_decay"), ({"train": {"epoch": 2}}, "train.epoch"),
+    ({"bogus": 1}, "bogus"), ({"seed": -3}, "seed"), ({"seed": 1.5}, "seed"),
+    ({"data": {"source": "mnist"}}, "data.source"), ({"data": {"image_size": 4}}, "data.image_size"),
+    ({"data": {"source": "cifar10", "path": None}}, "data.path"),
+    ({"model": {"num_heads": 3}}, "model.num_heads"), ({"model": {"channel_mult": []}}, "model.channel_mult"),
+    ({"model": {"dropout": 1.0}}, "model.dropout"), ({"model": {"attn_resolutions": [3]}}, "model.attn_resolutions"),
+    ({"method": {"udddm": {"process": "subvp"}}}, "method.udddm.process"),
+    ({"method": {"udddm": {"n_counts": "batch"}}}, "method.udddm.n_counts"),
+    ({"method": {"udddm": {"store": {"budget_fraction": 0}}}}, "method.udddm.store.budget_fraction"),
+    ({"method": {"ict": {"store": {"policy": "arrow"}}}}, "method.ict.store"),
+    ({"method": {"edm": {"process": "ve"}}}, "method.edm.process"),
+    ({"method": {"ict": {"s0": 0}}}, "method.ict.s0"), ({"sampler": {"edm": {"steps": []}}}, "sampler.edm.steps"),
+    ({"sampler": {"ict": {"steps": [1, 2, 3]}}}, "sampler.ict"), ({"sample": {"num_samples": 0}}, "sample.num_samples"),
+    ({"score": {"use_inception": "sometimes"}}, "score.use_inception"),
+    ({"tracking": {"experiment": ""}}, "tracking.experiment"),
+]
 
 
-def test_dvc_exp_run_switches_to_ve_and_a_bad_source_is_named(repo_copy):
-    write_params(repo_copy, tiny_params(score={"untrained_baseline": False}))
-    git = dict(cwd=repo_copy, check=True, capture_output=True)
+def test_invalid_params_stop_before_any_output_is_removed(reproduced):
+    """Each invalid params.yaml stops `dvc repro` in the check stage, naming the key, with every file
+    under out/ and data/ byte-identical afterwards."""
+    repo, _ = reproduced
+    write_params(repo, tiny_params())
+    assert dvc(repo, "repro").returncode == 0
+    before = snapshot(repo)
+    assert len(before) > 30
+    named = 0
+    for mutation, key in INVALID:
+        write_params(repo, tiny_params(**mutation))
+        result = dvc(repo, "repro")
+        text = result.stdout + result.stderr
+        assert result.returncode != 0, (mutation, text[-2000:])
+        assert key in text, (mutation, text[-2000:])
+        assert snapshot(repo) == before, mutation
+        named += 1
+    assert named == len(INVALID) >= 30
+    write_params(repo, tiny_params())
+
+
+def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):
+    repo, _ = reproduced
+    write_params(repo, tiny_params())
+    git = dict(cwd=repo, check=True, capture_output=True)
     subprocess.run(["git", "add", "-A"], **git)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], **git)
-    exp = dvc(repo_copy, "exp", "run", "-S", "diffusion.kind=ve")
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny", "--allow-empty"], **git)
+    before = snapshot(repo)
+    refused = dvc(repo, "exp", "run", "-S", "train.epochs=-1")
+    assert refused.returncode != 0 and "train.epochs" in refused.stdout + refused.stderr
+    assert snapshot(repo) == before
+    exp = dvc(repo, "exp", "run", "-S", "method.udddm.process=ve")
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
-    model = torch.load(repo_copy / "out/train/model.pt", weights_only=False)
-    assert model["params"]["diffusion"]["kind"] == "ve"
-    diff = dvc(repo_copy, "params", "diff").stdout  # the experiment is applied to the workspace
-    assert "diffusion.kind" in diff and "ve" in diff.split("diffusion.kind")[1], diff
+    assert [line for line in ran(exp) if "@" in line and "compare" not in line] == \
+        ["Running stage 'train@udddm':", "Running stage 'sample@udddm':", "Running stage 'score@udddm':"], exp.stdout
+    model = torch.load(repo / "out/train/udddm/model.pt", weights_only=False)
+    assert model["params"]["method"]["udddm"]["process"] == "ve"
 
-    missing = repo_copy / "nowhere" / "cifar-10-python.tar.gz"
-    write_params(repo_copy, tiny_params(data={"source": "cifar10", "path": str(missing)}))
-    bad = dvc(repo_copy, "repro", "prepare")
+    missing = repo / "nowhere" / "cifar-10-python.tar.gz"
+    write_params(repo, tiny_params(data={"source": "cifar10", "path": str(missing)}))
+    bad = dvc(repo, "repro", "prepare")
     assert bad.returncode != 0
     assert "cifar10" in bad.stderr and str(missing) in bad.stderr, bad.stderr[-2000:]

@@ -47,9 +47,15 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def stage(repo, module, uri, nproc=None):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module]
-           if nproc else [sys.executable, "-m", module])
+def stage(repo, name, uri, nproc=None):
+    """Run a stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC."""
+    from flows.dvcrun import expanded_stages
+
+    declared = expanded_stages(repo)[name]["cmd"].split()
+    module = declared.index("-m")
+    args = declared[module + 1:]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args]
+           if nproc else [sys.executable, "-m", *args])
     return subprocess.run(cmd, cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                           timeout=600)
 
@@ -57,21 +63,24 @@ def stage(repo, module, uri, nproc=None):
 def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
     params = tiny_params(train={"epochs": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
     write_params(repo_copy, params)
-    for module, nproc in (("pipeline.prepare", None), ("pipeline.train", 2), ("pipeline.sample", None)):
-        result = stage(repo_copy, module, mlflow_server, nproc)
+    for name, nproc in (("prepare", None), ("train@udddm", 2), ("sample@udddm", None)):
+        result = stage(repo_copy, name, mlflow_server, nproc)
         assert result.returncode == 0, result.stderr[-3000:]
 
-    ref = json.loads((repo_copy / "out/train/mlflow_run.json").read_text())
+    ref = json.loads((repo_copy / "out/train/udddm/mlflow_run.json").read_text())
     assert ref["tracking_uri"] == mlflow_server
     client = MlflowClient(mlflow_server)
     run = client.get_run(ref["run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "test-exp"
-    assert run.data.params == flatten(json.loads(json.dumps(params)))  # the whole params.yaml, flattened
+    logged = {k: v for k, v in params.items() if k not in ("methods", "method")} | \
+        {"method": {"udddm": params["method"]["udddm"]}}
+    assert run.data.params == flatten(json.loads(json.dumps(logged)))  # params.yaml with this method's section
+    assert run.data.tags["method"] == "udddm"
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["device"] == "cpu" and tags["store_backend"] == "DeviceStore"
     assert len(tags["mlflow.source.git.commit"]) > 0
-    steps = len((repo_copy / "out/train/loss.tsv").read_text().splitlines()) - 1
+    steps = len((repo_copy / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     for key in ("guide", "iterative", "weight", "lr", "img_per_s", "store_bytes"):
@@ -86,14 +95,14 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
 
 def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
     write_params(repo_copy, tiny_params())
-    assert stage(repo_copy, "pipeline.prepare", "").returncode == 0
+    assert stage(repo_copy, "prepare", "").returncode == 0
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.time()
-    result = stage(repo_copy, "pipeline.train", uri)
+    result = stage(repo_copy, "train@udddm", uri)
     assert result.returncode != 0
     assert uri in result.stderr and "unreachable" in result.stderr
     assert time.time() - started < 60
-    assert not (repo_copy / "out/train/model.pt").exists()
+    assert not (repo_copy / "out/train/udddm/model.pt").exists()
 
 
 def test_image_grid_enlarges_small_images():

@@ -145,7 +145,7 @@ def test_invalid_arguments_name_the_argument(overrides, argument):
 
 
 def test_invalid_arguments_messages_are_informative():
-    with pytest.raises(ValueError, match=r"2\*\*3 = 8"):
+    with pytest.raises(ValueError, match=r"^image_size: 30 is not divisible by 8"):
         tiny(image_size=30, channel_mult=(1, 2, 2, 2))
     with pytest.raises(ValueError, match=r"\[8, 4\]"):  # the reachable sides are listed
         tiny(attn_resolutions=(16,))
@@ -163,8 +163,19 @@ def test_forward_rejects_mismatched_inputs():
     x0_est, x_t, label = inputs(model)
     with pytest.raises(ValueError, match="noise_label"):
         model(x0_est, x_t, label[:1])
-    with pytest.raises(ValueError, match="x0_est and x_t"):
+    with pytest.raises(ValueError, match="x0_est the same shape"):
         model(x0_est[:, :, :4], x_t, label)
+    with pytest.raises(ValueError, match="x0_est the same shape"):
+        model(None, x_t, label)
+
+
+def test_unconditional_network_takes_no_estimate():
+    model = tiny(conditioning="none")
+    x0_est, x_t, label = inputs(model)
+    assert model.estimate_encoder is None and model.input_conv.in_channels == 1
+    assert model(None, x_t, label).shape == x_t.shape
+    with pytest.raises(ValueError, match="x0_est None"):
+        model(x0_est, x_t, label)
 
 
 @pytest.mark.parametrize("channels,groups", [(3, 3), (16, 16), (48, 24), (96, 32), (256, 32), (17, 17), (34, 17)])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dddm.diffusion import Diffusion, ve_sigmas, vp_alpha_bar
+from dddm.processes import PROCESSES, VE, VP, karras_sigmas, vp_alpha_bar
 
 
 def test_vp_schedule_end_points_and_formula():
@@ -19,7 +19,7 @@ def test_vp_schedule_end_points_and_formula():
 
 @pytest.mark.parametrize("rho", [1.0, 7.0, 3.5])
 def test_ve_karras_schedule_end_points_and_formula(rho):
-    s = ve_sigmas(1000, 0.01, 50.0, rho)
+    s = karras_sigmas(1000, 0.01, 50.0, rho)
     assert s[0].item() == pytest.approx(0.01, rel=1e-12)
     assert s[-1].item() == pytest.approx(50.0, rel=1e-12)
     t = 400  # 1-based
@@ -28,15 +28,15 @@ def test_ve_karras_schedule_end_points_and_formula(rho):
 
 
 def test_ve_geometric_is_the_rho_to_infinity_limit():
-    geo = ve_sigmas(100, 0.01, 50.0, math.inf)
+    geo = karras_sigmas(100, 0.01, 50.0, math.inf)
     ratios = geo[1:] / geo[:-1]
     assert torch.allclose(ratios, ratios[0].expand_as(ratios), rtol=1e-10)
     assert geo[0].item() == pytest.approx(0.01) and geo[-1].item() == pytest.approx(50.0)
-    assert torch.allclose(ve_sigmas(100, 0.01, 50.0, 1e6), geo, rtol=1e-4)
+    assert torch.allclose(karras_sigmas(100, 0.01, 50.0, 1e6), geo, rtol=1e-4)
 
 
 def test_ve_noise_std_matches_sigma():
-    d = Diffusion("ve", 1000)
+    d = VE(VE.Config(T=1000, sigma_min=0.01, sigma_max=50.0, rho=7.0))
     g = torch.Generator().manual_seed(0)
     for t_val in (1, 300, 1000):
         x0 = torch.rand(4000, 1, 4, 4, generator=g) * 2 - 1
@@ -49,7 +49,7 @@ def test_ve_noise_std_matches_sigma():
 
 
 def test_vp_noised_moments_match_alpha_bar():
-    d = Diffusion("vp", 8000)
+    d = VP(VP.Config(T=8000, beta_min=1.5e-3, beta_max=2.0e-2))
     g = torch.Generator().manual_seed(1)
     x0 = torch.full((20000, 1, 2, 2), 0.7)
     for t_val in (1, 2000, 8000):
@@ -58,6 +58,14 @@ def test_vp_noised_moments_match_alpha_bar():
         ab = d.alpha_bar(t)[0].item()
         assert x_t.mean().item() == pytest.approx(math.sqrt(ab) * 0.7, abs=0.01)
         assert x_t.var().item() == pytest.approx(1 - ab, rel=0.03, abs=1e-4)
+
+
+def vp(T=100):
+    return VP(VP.Config(T=T, beta_min=1.5e-3, beta_max=2.0e-2))
+
+
+def ve(T=100, sigma_max=50.0):
+    return VE(VE.Config(T=T, sigma_min=0.01, sigma_max=sigma_max, rho=7.0))
 
 
 class KnownNet(torch.nn.Module):
@@ -73,20 +81,19 @@ class KnownNet(torch.nn.Module):
 
 
 def test_unified_parameterization_vp():
-    d = Diffusion("vp", 100)
     x_t, est, F = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([1, 50, 100])
-    f = d.denoise(KnownNet(F), est, x_t, t)
+    f = vp().denoise(KnownNet(F), est, x_t, t)
     assert torch.allclose(f, x_t - F)
 
 
 def test_unified_parameterization_ve():
-    d = Diffusion("ve", 100, sigma_min=0.01, sigma_max=50.0, rho=7.0)
+    d = ve()
     x_t, est, F = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     t = torch.tensor([1, 50, 100])
     net = KnownNet(F)
     f = d.denoise(net, est, x_t, t)
-    sig = ve_sigmas(100, 0.01, 50.0, 7.0)[t - 1].float().view(-1, 1, 1, 1)
+    sig = karras_sigmas(100, 0.01, 50.0, 7.0)[t - 1].float().view(-1, 1, 1, 1)
     kappa = 0.01 / sig
     assert torch.allclose(f, kappa * x_t + (1 - kappa) * F, atol=1e-6)
     # boundary condition: at t = 1, sigma = sigma_min, kappa = 1 and f = x_t whatever F says
@@ -97,19 +104,23 @@ def test_unified_parameterization_ve():
     assert torch.allclose(label, (t.float() - 1) / 99)
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    (dict(kind="vp", T=-5), "T"),
-    (dict(kind="ve", T=1000, sigma_min=50.0, sigma_max=10.0), "sigma_min"),
-    (dict(kind="sub-vp", T=10), "kind"),
-    (dict(kind="vp", T=10, beta_min=0.1, beta_max=0.01), "beta_max"),
-    (dict(kind="ve", T=10, rho=0.0), "rho"),
+@pytest.mark.parametrize("cls, kwargs, key", [
+    (VP, dict(T=-5, beta_min=0.1, beta_max=0.2), "T"),
+    (VE, dict(T=1000, sigma_min=50.0, sigma_max=10.0, rho=7.0), "sigma_min"),
+    (VP, dict(T=10, beta_min=0.1, beta_max=0.01), "beta_min"),
+    (VE, dict(T=10, sigma_min=0.01, sigma_max=1.0, rho=0.0), "rho"),
 ])
-def test_bad_values_name_the_parameter(kwargs, key):
-    with pytest.raises(ValueError, match=f"^{key}:"):
-        Diffusion(**kwargs)
+def test_bad_values_name_the_parameter(cls, kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        cls.Config(**kwargs)
 
 
 def test_prior_scales_ve_by_sigma_max():
     z = torch.randn(2, 1, 2, 2)
-    assert torch.equal(Diffusion("vp", 10).prior(z), z)
-    assert torch.allclose(Diffusion("ve", 10, sigma_max=80.0).prior(z), 80.0 * z)
+    assert torch.equal(vp(10).prior(z), z)
+    assert torch.allclose(ve(10, sigma_max=80.0).prior(z), 80.0 * z)
+
+
+def test_every_process_is_a_registered_choice():
+    assert set(PROCESSES) == {"vp", "ve"}
+    assert PROCESSES["vp"] is VP and PROCESSES["ve"] is VE

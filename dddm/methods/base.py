@@ -1,0 +1,73 @@
+"""The interface every training method implements: one objective and its sampler.
+
+The training loop, the x0 store, checkpoints, tracking, the sample and score stages are shared;
+a method says what the network sees (`conditioning`), how one batch is turned into a loss, and
+how a batch of samples is generated from per-index noise (so samples do not depend on the batch
+size or the device).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field, PositiveInt
+
+from ..schema import Section
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when a batch is drawn: schedules of the methods are keyed by it."""
+
+    epoch: int        # n, counted from 0
+    step: int         # optimizer steps already taken (0-based index of this step)
+    total_steps: int  # of the whole run
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor                   # scalar, differentiable
+    terms: dict[str, torch.Tensor | float] = field(default_factory=dict)  # logged, named by `Method.terms`
+    new_estimates: torch.Tensor | None = None  # what the x0 store keeps for the batch (store methods only)
+
+
+class SamplerConfig(Section):
+    steps: tuple[PositiveInt, ...] = Field(min_length=1)  # sample with each of these step counts
+
+
+class Method(ABC):
+    """One training objective with its sampler. Subclasses define `name`, `Config` (their training
+    params, `method.<name>`), `SamplerConfig` (their sampling params, `sampler.<name>`) and the
+    abstract methods. Sampling params are apart so that changing them never retrains."""
+
+    name: str
+    Config: type[Section]
+    SamplerConfig: type[SamplerConfig] = SamplerConfig
+    uses_store = False  # keeps a per-sample x0 estimate across training (the store is opened only then)
+    terms: tuple[str, ...] = ()  # the names of LossOutput.terms, in log order
+
+    def __init__(self, cfg: Section, sampler: SamplerConfig, seed: int):
+        self.cfg = cfg
+        self.sampler = sampler
+        self.seed = seed
+
+    @property
+    def conditioning(self) -> str:
+        """How the network takes an x0 estimate: 'none' for methods without one."""
+        return "none"
+
+    @abstractmethod
+    def loss(self, net, x0: torch.Tensor, indices: torch.Tensor, progress: Progress,
+             estimates: torch.Tensor | None = None) -> LossOutput:
+        """The loss of one batch of clean images x0 (dataset indices `indices`)."""
+
+    @abstractmethod
+    def generate(self, net, indices: torch.Tensor, shape: tuple[int, ...], steps: int,
+                 device: torch.device | str) -> torch.Tensor:
+        """Samples for these sample indices in [-1, 1], on `device`; noise keyed by (seed, index)."""
+
+    @abstractmethod
+    def evaluations(self, steps: int) -> int:
+        """Network evaluations per sample for a `steps`-step sample."""

@@ -1,0 +1,63 @@
+"""Stage compare: every method's scores and sample grids side by side -> <out>/table.md (the README's
+first table), <out>/grids.png (the samples of each method and step count, labelled)."""
+
+import json
+
+from PIL import Image, ImageDraw
+
+from .common import start
+
+SHOWN = (("fid", "FID"), ("fid_classifier", "fid_classifier"), ("precision", "precision"),
+         ("recall", "recall"), ("classes", "classes >= 3%"))
+
+
+def table(rows: list[tuple[str, str, dict]]) -> str:
+    """Markdown: one line per (name, steps, numbers)."""
+    keys = [(k, title) for k, title in SHOWN if any(k in numbers for _, _, numbers in rows)]
+    lines = ["| method | sampling | network evaluations | " + " | ".join(t for _, t in keys) + " |",
+             "|---|---|---|" + "---|" * len(keys)]
+    for name, sampling, numbers in rows:
+        cells = [f"{numbers[k]:.3g}" if isinstance(numbers.get(k), float) else str(numbers.get(k, ""))
+                 for k, _ in keys]
+        lines.append(f"| {name} | {sampling} | {numbers.get('nfe', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def labelled_grids(items: list[tuple[str, Image.Image]]) -> Image.Image:
+    """The grids in one row, each with its label above it."""
+    pad, label_height = 8, 16
+    width = sum(im.width for _, im in items) + pad * (len(items) + 1)
+    height = max(im.height for _, im in items) + label_height + 2 * pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for label, im in items:
+        draw.text((x, pad), label, fill="black")
+        canvas.paste(im.convert("RGB"), (x, pad + label_height))
+        x += im.width + pad
+    return canvas
+
+
+def main() -> None:
+    cfg, args = start("compare", __doc__, scores="the score stages' directory (one sub-directory per method)",
+                      samples="the sample stages' directory", real="the real-data row's metrics JSON",
+                      out="the directory for table.md and grids.png")
+    real = json.loads(args.real.read_text())["real"]
+    rows = [("real digits (held out)", "-", real)]
+    grids = []
+    for name in cfg.methods:
+        report = json.loads((args.scores / name / "report.json").read_text())
+        for row in report["rows"]:
+            rows.append((name, f"{row['steps']}-step", row))
+            grids.append((f"{name} {row['steps']}-step", Image.open(args.samples / name / f"{row['steps']}-step.png")))
+        if "untrained" in report:
+            rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = table(rows)
+    (args.out / "table.md").write_text(text)
+    labelled_grids(grids).save(args.out / "grids.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Each method's loss and sampler against its formulas on tiny tensors, and the uDDDM switches."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import repo_params
+from dddm.config import merge_params, parse_config
+from dddm.methods import EDM, ICT, METHODS, UDDDM, Progress
+from dddm.methods.edm import precondition
+from dddm.methods.ict import discretisation_steps, index_probabilities
+from dddm.processes import karras_sigmas
+from dddm.rng import (STREAM_SAMPLE_ESTIMATE, STREAM_SAMPLE_PRIOR, STREAM_TRAIN_NOISE, normal_per_index,
+                      timestep_and_noise_per_index, uniform_and_noise_per_index)
+from dddm.sampling import sample
+
+
+def make(name, seed=0, **overrides):
+    raw = merge_params(repo_params(), {"seed": seed, "method": {name: overrides}} if overrides else {"seed": seed})
+    return parse_config(raw).make_method(name)
+
+
+# ----------------------------------------------------------------------------------------- uDDDM
+
+class ShiftNet(torch.nn.Module):
+    """F = x0_est + w: the prediction is known in closed form and differs from x0."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.25))
+
+    def forward(self, x0_est, x_in, label):
+        return x0_est + self.w
+
+
+def test_udddm_loss_is_the_adaptive_loss_and_the_store_keeps_the_prediction():
+    m = make("udddm", metric="l2", processes={"ve": {"T": 100}})
+    x0, est, idx = torch.rand(8, 1, 4, 4) * 2 - 1, torch.randn(8, 1, 4, 4), torch.arange(8)
+    out = m.loss(ShiftNet(), x0, idx, Progress(epoch=2, step=50, total_steps=100), est)
+    t, eps = timestep_and_noise_per_index(idx, (1, 4, 4), 100, 0, STREAM_TRAIN_NOISE, 2)
+    x_t = m.process.add_noise(x0, t, eps)
+    a, b = m.process.skip_coefficients(t)
+    pred = a * x_t + b * (est + 0.25)
+    assert not out.new_estimates.requires_grad
+    assert torch.allclose(out.new_estimates, pred, atol=1e-6)
+    w = 1 / 3  # epoch 2
+    expected = w * (pred - x0).square().flatten(1).mean(1).mean() + (1 - w) * (pred - est).square().flatten(1).mean(1).mean()
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.terms["weight"] == pytest.approx(w)
+
+
+def test_udddm_switches_change_what_the_store_holds_and_what_n_counts():
+    x0, est, idx = torch.rand(4, 1, 4, 4) * 2 - 1, torch.randn(4, 1, 4, 4), torch.arange(4)
+    progress = Progress(epoch=1, step=40, total_steps=100)
+    data = make("udddm", estimates_from="data").loss(ShiftNet(), x0, idx, progress, est)
+    paper = make("udddm").loss(ShiftNet(), x0, idx, progress, est)
+    assert torch.equal(data.new_estimates, x0)  # the released code's reading
+    assert not torch.allclose(paper.new_estimates, x0)  # the paper's: the prediction
+    assert paper.terms["weight"] == pytest.approx(1 / 2)  # n = epoch 1
+    assert make("udddm", n_counts="step").loss(ShiftNet(), x0, idx, progress, est).terms["weight"] == \
+        pytest.approx(1 / 41)  # n = step 40
+
+
+def test_udddm_noise_depends_on_index_not_on_batch_composition():
+    m = make("udddm", seed=1)
+    x0, est = torch.zeros(6, 1, 4, 4), torch.zeros(6, 1, 4, 4)
+    idx = torch.tensor([5, 9, 2, 7, 1, 0])
+    p = Progress(0, 0, 10)
+    full = m.loss(ShiftNet(), x0, idx, p, est).new_estimates
+    part = m.loss(ShiftNet(), x0[3:], idx[3:], p, est[3:]).new_estimates
+    assert torch.equal(full[3:], part)
+    assert not torch.equal(full, m.loss(ShiftNet(), x0, idx, Progress(1, 0, 10), est).new_estimates)
+
+
+class ContractionNet(torch.nn.Module):
+    """A known F(x0_est, x_in, label) = 0.5 x0_est + 0.1 x_in; records every call's label."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels = []
+
+    def forward(self, x0_est, x_in, label):
+        self.labels.append(label.clone())
+        return 0.5 * x0_est + 0.1 * x_in
+
+
+@pytest.mark.parametrize("process", ["vp", "ve"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_udddm_sampler_is_the_fixed_point_iteration_at_t_equal_T(process, steps):
+    m = make("udddm", seed=3, process=process)
+    net, shape, n = ContractionNet(), (1, 4, 4), 6
+    out = sample(m, net, n, shape, steps, batch_size=4)
+    idx = torch.arange(n)
+    est = normal_per_index(idx, shape, 3, STREAM_SAMPLE_ESTIMATE)
+    x_T = m.process.prior(normal_per_index(idx, shape, 3, STREAM_SAMPLE_PRIOR))
+    t = torch.full((n,), m.process.T)
+    a, b = m.process.skip_coefficients(t)
+    for _ in range(steps):
+        est = a * x_T + b * (0.5 * est + 0.1 * x_T * m.process.input_scale(t))
+    assert torch.allclose(out, est.clamp(-1, 1), atol=1e-5)
+    assert len(net.labels) == 2 * steps and all(torch.all(lab == 1.0) for lab in net.labels)  # t = T always
+
+
+# ------------------------------------------------------------------------------- Gaussian data
+# For data x0 ~ N(mu, s^2) per pixel, the ideal denoiser and consistency function are known in closed
+# form, so a "network" that computes them lets the samplers be checked against the distribution.
+MU, S = 0.3, 0.2
+
+
+class IdealNet(torch.nn.Module):
+    """Inverts the preconditioning: F such that c_skip x + c_out F equals `target(x, sigma)`."""
+
+    def __init__(self, target, sigma_data, sigma_min=0.0):
+        super().__init__()
+        self.target, self.sd, self.s0 = target, sigma_data, sigma_min
+
+    def forward(self, x0_est, x_in, label):
+        assert x0_est is None
+        sigma = (4 * label.double()).exp().view(-1, 1, 1, 1)
+        x = x_in.double() * (sigma ** 2 + self.sd ** 2).sqrt()
+        c_skip = self.sd ** 2 / ((sigma - self.s0) ** 2 + self.sd ** 2)
+        c_out = (sigma - self.s0) * self.sd / (sigma ** 2 + self.sd ** 2).sqrt()
+        return ((self.target(x, sigma) - c_skip * x) / c_out).float()
+
+
+def ideal_denoiser(x, sigma):
+    return MU + S ** 2 / (S ** 2 + sigma ** 2) * (x - MU)
+
+
+def ideal_consistency(sigma_min):
+    return lambda x, sigma: MU + (x - MU) * ((S ** 2 + sigma_min ** 2) / (S ** 2 + sigma ** 2)).sqrt()
+
+
+def test_edm_preconditioning_formulas():
+    x, sigma = torch.randn(3, 1, 2, 2), torch.tensor([0.01, 1.0, 50.0]).view(-1, 1, 1, 1)
+    net = lambda est, x_in, label: torch.ones_like(x_in)  # noqa: E731
+    out = precondition(net, x, sigma, 0.5)
+    c_skip, c_out = 0.25 / (sigma ** 2 + 0.25), sigma * 0.5 / (sigma ** 2 + 0.25).sqrt()
+    assert torch.allclose(out, c_skip * x + c_out, atol=1e-6)
+    # with sigma_min: f(x, sigma_min) = x exactly (the consistency boundary condition)
+    edge = precondition(net, x, torch.full((3, 1, 1, 1), 0.002), 0.5, 0.002)
+    assert torch.allclose(edge, x)
+
+
+def test_edm_loss_weight_and_noise_level_follow_the_formulas():
+    m = make("edm")
+    x0, idx = torch.rand(5, 1, 4, 4) * 2 - 1, torch.arange(5)
+    out = m.loss(IdealNet(lambda x, s: torch.zeros_like(x), 0.5), x0, idx, Progress(0, 0, 10))
+    u, n = uniform_and_noise_per_index(idx, (1, 4, 4), 0, STREAM_TRAIN_NOISE, 0)
+    sigma = (-1.2 + 1.2 * torch.special.ndtri(u)).exp().view(-1, 1, 1, 1)
+    weight = (sigma ** 2 + 0.25) / (sigma * 0.5) ** 2
+    expected = (weight * x0.double() ** 2).flatten(1).mean(1).mean()  # D = 0
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_edm_heun_sampler_reproduces_gaussian_data():
+    """The probability-flow ODE of N(MU, S^2) data ends in that distribution; Heun's error shrinks with N
+    (this narrow Gaussian is stiff near sigma ~ S: 18 steps give its std 8% wide, 200 steps 0.5%)."""
+    m = make("edm")
+    stds = {}
+    for n in (18, 200):
+        out = sample(m, IdealNet(ideal_denoiser, 0.5), 2000, (1, 2, 2), n, batch_size=1000)
+        assert out.mean().item() == pytest.approx(MU, abs=0.01)
+        stds[n] = out.std().item()
+    assert stds[200] == pytest.approx(S, rel=0.02)
+    assert abs(stds[200] - S) < abs(stds[18] - S) < 0.1 * S
+    assert m.evaluations(18) == 35 and m.evaluations(1) == 1
+    sigmas = m.sampling_sigmas(18)
+    assert sigmas[0].item() == pytest.approx(80.0) and sigmas[-2].item() == pytest.approx(0.002) and sigmas[-1] == 0
+
+
+def test_ict_curriculum_probabilities_and_weights():
+    # N(k) doubles from s0 + 1 to s1 + 1: K' = floor(K / (log2 floor(1280 / 10) + 1)) = floor(800 / 8) = 100
+    assert [discretisation_steps(k, 800, 10, 1280) for k in (0, 99, 100, 250, 799)] == [11, 11, 21, 41, 1281]
+    sigmas = karras_sigmas(11, 0.002, 80.0, 7.0)
+    p = index_probabilities(sigmas, -1.1, 2.0)
+    erf = [math.erf((math.log(s) + 1.1) / (math.sqrt(2) * 2.0)) for s in sigmas.tolist()]
+    mass = [b - a for a, b in zip(erf[:-1], erf[1:])]
+    assert torch.allclose(p, torch.tensor(mass, dtype=torch.float64) / sum(mass))
+
+
+def test_ict_loss_matches_the_formula():
+    """With F = 0, f(x, sigma) = c_skip(sigma) x: the loss recomputed by hand from the same draws."""
+    m = make("ict")
+    x0, idx = torch.rand(6, 1, 4, 4) * 2 - 1, torch.arange(6)
+    zero_net = lambda est, x_in, label: torch.zeros_like(x_in)  # noqa: E731
+    out = m.loss(zero_net, x0, idx, Progress(0, 0, 800))
+    assert out.terms["levels"] == 11
+    sigmas = karras_sigmas(11, 0.002, 80.0, 7.0)
+    u, z = uniform_and_noise_per_index(idx, (1, 4, 4), 0, STREAM_TRAIN_NOISE, 0)
+    i = torch.searchsorted(index_probabilities(sigmas, -1.1, 2.0).cumsum(0), u, right=True)
+    lo, hi = sigmas[i].view(-1, 1, 1, 1), sigmas[i + 1].view(-1, 1, 1, 1)
+    c_skip = lambda s: 0.25 / ((s - 0.002) ** 2 + 0.25)  # noqa: E731
+    student, target = c_skip(hi) * (x0 + hi * z), c_skip(lo) * (x0 + lo * z)
+    c = 0.00054 * math.sqrt(16)
+    d = ((student - target).flatten(1).square().sum(1) + c * c).sqrt() - c
+    assert out.total.item() == pytest.approx((d / (sigmas[i + 1] - sigmas[i])).mean().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_ict_consistency_sampler_reproduces_gaussian_data(steps):
+    m = make("ict")
+    out = sample(m, IdealNet(ideal_consistency(0.002), 0.5, 0.002), 2000, (1, 2, 2), steps, batch_size=2000)
+    assert out.mean().item() == pytest.approx(MU, abs=0.01)
+    assert out.std().item() == pytest.approx(S, rel=0.04)
+    assert m.evaluations(steps) == steps
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_samples_depend_on_seed_and_index_not_on_batch_size(name):
+    from dddm.unet import build_network
+
+    cfg = parse_config(merge_params(repo_params(), {"seed": 7}))
+    m = cfg.make_method(name)
+    torch.manual_seed(0)
+    net = build_network(cfg.model, 8, 1, m.conditioning)
+    torch.nn.init.normal_(net.out_conv.weight, std=0.1)  # non-zero output
+    a = sample(m, net, 10, (1, 8, 8), max(m.sampler.steps), batch_size=3)
+    b = sample(m, net, 10, (1, 8, 8), max(m.sampler.steps), batch_size=10)
+    c = sample(cfg.make_method(name, seed=8), net, 10, (1, 8, 8), max(m.sampler.steps), batch_size=10)
+    assert torch.allclose(a, b, atol=1e-4)  # float kernels differ by batch size, nothing more
+    assert not torch.allclose(a, c, atol=1e-2)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_registry_and_interfaces():
+    assert set(METHODS) == {"udddm", "ict", "edm"}
+    assert METHODS["udddm"].uses_store and not METHODS["ict"].uses_store and not METHODS["edm"].uses_store
+    assert make("ict").conditioning == "none" and make("edm").conditioning == "none"
+    assert make("udddm").conditioning == "cross_attention"
+    assert isinstance(make("edm"), EDM) and isinstance(make("ict"), ICT) and isinstance(make("udddm"), UDDDM)

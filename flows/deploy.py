@@ -7,6 +7,8 @@
 - `udddm-experiment/nightly`: the same flow on a cron schedule (UDDDM_NIGHTLY_CRON, default 02:00 UTC),
   with params.yaml as the workspace has it.
 - `udddm-sweep/sweep`: a grid sweep (`grid`, `overrides`, `metric`, `concurrency`, ...).
+- `udddm-sweep/study`: the method study (flows.sweep.STUDY_POINTS): uDDDM as published and its readings,
+  beside iCT and EDM, in one comparison artifact and one parent MLflow run (docs/method-study.md).
 
 Flow runs execute in subprocesses of this one, in this repository.
 """
@@ -19,7 +21,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 
 from flows.experiment import REPO, experiment
-from flows.sweep import sweep
+from flows.sweep import STUDY_POINTS, sweep
 
 NIGHTLY_CRON = os.environ.get("UDDDM_NIGHTLY_CRON", "0 2 * * *")
 
@@ -33,6 +35,9 @@ def deployments() -> list:
                                  "params.yaml, every night.", **common),
         sweep.to_deployment("sweep", description="A grid of experiments with a comparison table; the best "
                             "model is registered.", **common),
+        sweep.to_deployment("study", parameters={"points": STUDY_POINTS, "registry": False},
+                            description="The method study: uDDDM as published and its readings beside iCT "
+                            "and EDM, one comparison artifact (docs/method-study.md).", **common),
     ]
 
 

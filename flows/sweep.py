@@ -25,10 +25,17 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
-from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model
+from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model, scores_table
 from flows.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
+# The method study (docs/method-study.md): uDDDM as published and the readings that test it, with iCT and
+# EDM trained once beside them (their stages are restored from DVC's run-cache for every other point).
+STUDY_POINTS = [{},  # the paper: VE, sigma_max 50, the prediction into the store, n counting epochs
+                {"method.udddm.process": "vp"},  # the paper's VP, T = 8000
+                {"method.udddm.processes.ve.sigma_max": 2.0},
+                {"method.udddm.estimates_from": "data"},  # the authors' released code
+                {"method.udddm.n_counts": "step"}]  # Algorithm 1's literal n <- n + 1
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -71,7 +78,7 @@ def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]]
     head = ["", *grid, metric, "precision", "recall", "DVC experiment"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for point, result in rows:
-        cells = [json.dumps(point[k]) for k in grid]
+        cells = [json.dumps(point.get(k)) for k in grid]
         if result is None:
             lines.append("| failed | " + " | ".join(cells) + " | | | | (see its log) |")
             continue
@@ -83,6 +90,22 @@ def comparison_table(grid: dict[str, list], rows: list[tuple[dict, dict | None]]
     return "\n".join(lines)
 
 
+def group_runs(results: list[dict], name: str) -> str | None:
+    """One parent MLflow run per sweep, with every point's training runs as its children (the UI nests them)."""
+    from mlflow.tracking import MlflowClient
+
+    children = [run for r in results for run in r.get("runs", {}).values() if run.get("run_id")]
+    if not children:
+        return None
+    client = MlflowClient(children[0]["tracking_uri"])
+    experiment_id = client.get_run(children[0]["run_id"]).info.experiment_id
+    parent = client.create_run(experiment_id, run_name=name, tags={"sweep": name}).info.run_id
+    for run in children:
+        MlflowClient(run["tracking_uri"]).set_tag(run["run_id"], "mlflow.parentRunId", parent)
+    client.set_terminated(parent)
+    return parent
+
+
 def score_of(result: dict, metric: str) -> float | None:
     method, row, name = split_metric(metric)
     value = result["metrics"].get(method, {}).get(row, {}).get(name)
@@ -92,15 +115,19 @@ def score_of(result: dict, metric: str) -> float | None:
 @flow(name="udddm-sweep")
 def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
           registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
-          repo: str | None = None) -> list[dict]:
-    """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}) on top of `overrides`,
-    `concurrency` at a time; the best by `metric` (`<method>/nfe<k>/<name>`) is registered."""
+          repo: str | None = None, points: list[dict[str, Any]] | None = None) -> list[dict]:
+    """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}), or the explicit `points`
+    when given, on top of `overrides`, `concurrency` at a time; the best by `metric`
+    (`<method>/nfe<k>/<name>`) is registered; the points' MLflow runs are grouped under one parent run."""
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
     lower_is_better(metric)
     if concurrency < 1:
         raise ValueError(f"concurrency: {concurrency} must be >= 1")
-    points = grid_points(grid)
+    if points is not None:
+        grid = {key: [p.get(key) for p in points] for p in points for key in p}
+    else:
+        points = grid_points(grid)
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
     if concurrency == 1:
@@ -135,7 +162,14 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
         text.append(f"Best: {registered['run_link']}, registered as `{registered['name']}` version "
                     f"{registered['version']}; alias `{alias}` {outcome}.")
-    create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a uDDDM sweep")
+    parent = group_runs([r for _, r in rows if r is not None], f"sweep {experiment_name()}")
+    if parent:
+        text.append(f"MLflow: the points' runs are children of run `{parent}`.")
+    for point, result in rows:
+        if result is not None:
+            text += ["", f"### {json.dumps(point) if point else 'params.yaml as it is'}", "",
+                     scores_table(result["metrics"])]
+    create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a sweep")
     failed = [point for point, r in rows if r is None]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(points)} grid points failed: {failed}")

@@ -194,7 +194,7 @@ def served(repo_copy, prefect_server, mlflow_server):
 
 
 NIGHTLY = "0 3 1 1 *"  # far from any test run
-DEPLOYMENTS = ("udddm-experiment/default", "udddm-experiment/nightly", "udddm-sweep/sweep")
+DEPLOYMENTS = ("udddm-experiment/default", "udddm-experiment/nightly", "udddm-sweep/sweep", "udddm-sweep/study")
 
 
 def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_server, mlflow_server):
@@ -259,6 +259,9 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     if score[l2_run.info.run_id] == score[mlrun.info.run_id]:
         expected = mlrun.info.run_id
     assert mlflow.get_model_version_by_alias("udddm-digits", "champion").run_id == expected
+    parent = mlflow.get_run(l2_run.info.run_id).data.tags["mlflow.parentRunId"]  # the sweep groups its runs
+    assert mlflow.get_run(parent).data.tags["sweep"].startswith("sweep ")
+    assert "### " in table and "| edm nfe7 |" in table  # every method's scores per point
     assert "up to date" in dvc(repo, "status")
 
 

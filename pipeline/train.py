@@ -8,7 +8,7 @@ Writes out/train/model.pt (the EMA network), train_metrics.json, loss.tsv and ml
 import json
 from pathlib import Path
 
-from dddm import checkpoint, distributed
+from dddm import checkpoint, distributed, runlock
 from dddm.data import PreparedDataset
 from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference
 from dddm.training import TrainingDiverged, run_directory, train, write_history
@@ -41,6 +41,7 @@ def main() -> None:
     run_dir = run_directory(cfg, info.fingerprint)
     tracker = None
     try:
+        runlock.acquire(run_dir, world)  # before the MLflow run; held until this process exits
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             tracker = make_tracker(cfg, run_dir, info, world.device)
@@ -51,7 +52,7 @@ def main() -> None:
             tracker.log_model(model)
             tracker.finish()
             write_run_reference(OUT / "mlflow_run.json", tracker.run_id)
-    except (TrainingDiverged, TrackingUnavailable) as e:
+    except (TrainingDiverged, TrackingUnavailable, checkpoint.CheckpointError, runlock.RunLocked) as e:
         if tracker:
             tracker.finish("FAILED")
         raise SystemExit(f"train: {e}")

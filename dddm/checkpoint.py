@@ -14,6 +14,7 @@ Resuming takes the newest checkpoint whose files match its manifest and names ea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -227,10 +228,21 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     return int(shared["step"])
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """A digest of a state dict's names and tensor bytes: what a model file's own checksum covers."""
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(path: Path, cfg, info, module: torch.nn.Module) -> None:
-    """The final EMA network with the params and dataset info needed to rebuild it."""
-    atomic_save({"params": cfg.model_dump(mode="json"), "dataset": asdict(info),
-                 "state_dict": module.state_dict()}, path)
+    """The final EMA network with the params and dataset info needed to rebuild it, and the digest of
+    its weights (a model file has no manifest: bytes changed inside a tensor are caught by this)."""
+    state = module.state_dict()
+    atomic_save({"params": cfg.model_dump(mode="json"), "dataset": asdict(info), "state_dict": state,
+                 "weights_sha256": weights_sha256(state)}, path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -242,8 +254,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found (run the train stage first)")
     blob = load_file(path, "model file (rerun the train stage)")
-    if not {"params", "dataset", "state_dict"} <= set(blob):
-        raise CheckpointError(f"{path}: not a model file written by the train stage (keys {sorted(blob)})")
+    if not {"params", "dataset", "state_dict", "weights_sha256"} <= set(blob):
+        raise CheckpointError(f"{path}: not a model file written by the train stage (keys {sorted(blob)}); rerun it")
+    if weights_sha256(blob["state_dict"]) != blob["weights_sha256"]:
+        raise CheckpointError(f"{path}: the weights do not match the file's checksum (the file was corrupted); "
+                              f"rerun the train stage")
     cfg = parse_config(blob["params"], str(path))
     net = build_network(cfg, blob["dataset"]["channels"])
     net.load_state_dict(blob["state_dict"])

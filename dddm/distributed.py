@@ -1,6 +1,7 @@
-"""Process-group helpers: one process per GPU under torchrun (nccl), or gloo on CPU.
+"""Process-group helpers: one process per GPU under torchrun or `dddm.launch` (nccl), or gloo on CPU.
 
-A plain `python` launch (no torchrun environment) is a world of one with no process group.
+A plain `python` launch (no launcher environment) is a world of one with no process group. Under
+`dddm.launch`, rank 0's TCPStore serves on the loopback socket the launcher bound (STORE_FD).
 """
 
 from __future__ import annotations
@@ -38,17 +39,24 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STORE_FD = "DDDM_STORE_FD"  # set by dddm.launch for rank 0: the listening loopback socket of the store
+
+
+def kill_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def die_with_launcher() -> None:
     """Under torchrun (Linux): SIGKILL this worker when the torchrun agent dies. torchrun starts its
     workers in new sessions, so a kill -9 of the launching process group (dvc repro, torchrun) would
-    otherwise leave them training as orphans next to the trainer a rerun starts."""
+    otherwise leave them training as orphans next to the trainer a rerun starts. (dddm.launch sets
+    this up itself before the worker starts.)"""
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     parent = os.getppid()
-    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    kill_with_parent()
     # The launcher may have died before the prctl: then this process was re-parented already.
     try:
         launcher = b"torch" in Path(f"/proc/{parent}/cmdline").read_bytes()
@@ -56,6 +64,17 @@ def die_with_launcher() -> None:
         launcher = False
     if os.getppid() != parent or not launcher:
         raise SystemExit(f"worker {os.getpid()}: its torchrun launcher is gone (parent is now pid {os.getppid()})")
+
+
+def _launcher_store(rank: int, world_size: int) -> dict:
+    """init_process_group arguments for a dddm.launch world (its store on the loopback socket the
+    launcher bound); empty under torchrun, whose env:// rendezvous is the default."""
+    if "DDDM_LAUNCH" not in os.environ:
+        return {}
+    fd = os.environ.get(STORE_FD)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=fd is not None, master_listen_fd=int(fd) if fd is not None else None)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def init(device_preference: str = "auto") -> World:
@@ -68,7 +87,8 @@ def init(device_preference: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                **_launcher_store(rank, world_size))
     return World(rank, world_size, local_rank, device)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dddm.checkpoint import load_model
+from dddm.checkpoint import CheckpointError, load_model
 from dddm.distributed import resolve_device
 from dddm.sampling import sample
 from dddm.tracking import RunLogger
@@ -21,7 +21,10 @@ OUT = Path("out/samples")
 def main() -> None:
     cfg = start("sample")
     device = resolve_device(cfg.train.device)
-    net, train_cfg, info = load_model(MODEL, device)
+    try:
+        net, train_cfg, info = load_model(MODEL, device)
+    except CheckpointError as e:
+        raise SystemExit(f"sample: {e}")
     run = RunLogger(RUN)
     diffusion = train_cfg.make_diffusion()
     shape = (info["channels"], info["image_size"], info["image_size"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dddm.checkpoint import load_model
+from dddm.checkpoint import CheckpointError, load_model
 from dddm.distributed import resolve_device
 from dddm.sampling import sample
 from dddm.scoring import InceptionWeightsMissing, score_samples
@@ -42,7 +42,10 @@ def main() -> None:
             raise SystemExit(f"score: {path}: samples not found (run the sample stage)")
     loaded = {name: np.load(path)["images"] for name, path in sets.items()}
     if cfg.score.untrained_baseline:
-        loaded["untrained/1-step"] = untrained_samples(cfg, device)
+        try:
+            loaded["untrained/1-step"] = untrained_samples(cfg, device)
+        except CheckpointError as e:
+            raise SystemExit(f"score: {e}")
 
     metrics = {}
     try:

@@ -13,13 +13,15 @@ import logging
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_params
+from conftest import ROOT, run_env, tiny_params, write_params
 from dddm import checkpoint
 from dddm.checkpoint import CheckpointError
 from dddm.config import parse_config
@@ -245,3 +247,16 @@ def test_a_new_checkpoint_that_does_not_verify_leaves_the_older_ones(runs, tmp_p
                                               "checkpoints are kept"):
         resume(runs, run_dir, tmp_path, checkpoint_every=1)
     assert before <= {p.name for p in checkpoint.complete(run_dir)}
+
+
+def test_the_sample_stage_names_a_truncated_model_file_without_a_traceback(runs, tmp_path):
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    model = tmp_path / "out" / "train" / "model.pt"
+    shutil.copy(runs.half.parent / "half-out" / "model.pt", model)
+    damage_truncate(model)
+    write_params(tmp_path, tiny_params())
+    result = subprocess.run([sys.executable, "-m", "pipeline.sample"], cwd=tmp_path, capture_output=True, text=True,
+                            env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("sample: out/train/model.pt: not a readable model file")
+    assert "Traceback" not in result.stderr

@@ -84,7 +84,9 @@ def step_of(path: Path) -> int:
 
 
 def _write_manifest(ckpt: Path, step: int, world_size: int, store_backend: str) -> None:
-    files = sorted(p.name for p in ckpt.iterdir() if p.name != MANIFEST)
+    # The files by name, not whatever is in the directory: a killed earlier attempt at the same step
+    # may have left parts of its own files there.
+    files = [TRAIN_STATE, *(f"rank{r}.pt" for r in range(world_size))]
     manifest = {"step": step, "world_size": world_size, "store_backend": store_backend,
                 "files": {name: {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
                           for name in files}}

@@ -1,4 +1,4 @@
-"""Stage train: run under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train` (or plain python).
+"""Stage train: run under `python -m dddm.launch --nproc <train.nproc> -m pipeline.train` (or torchrun, or python).
 
 Writes out/train/model.pt (the EMA network), train_metrics.json, loss.tsv and mlflow_run.json
 (the MLflow run that sample and score log into). Checkpoints and the x0 store live in

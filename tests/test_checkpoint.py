@@ -260,3 +260,16 @@ def test_the_sample_stage_names_a_truncated_model_file_without_a_traceback(runs,
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("sample: out/train/model.pt: not a readable model file")
     assert "Traceback" not in result.stderr
+
+
+def test_parts_left_by_a_write_killed_at_the_same_step_do_not_break_the_next_save(runs, tmp_path):
+    """A kill inside a checkpoint write leaves ckpt-<step>.tmp with parts of files; the resumed run
+    writes the same step into that directory again."""
+    run_dir = interrupted(runs, tmp_path)
+    stale = run_dir / "ckpt-000000009.tmp"
+    stale.mkdir()
+    for name in ("manifest.json.part", "train_state.pt.part", "rank0.pt"):
+        (stale / name).write_bytes(b"left by a killed write")
+    assert_identical(resume(runs, run_dir, tmp_path), runs.whole)
+    assert [p.name for p in checkpoint.complete(run_dir)] == ["ckpt-000000015", "ckpt-000000016"]
+    assert not stale.exists()

@@ -1,13 +1,22 @@
-"""Checkpoints that survive a crash, and the final model file.
+"""Checkpoints that survive a crash and can neither poison a run nor run code; the final model file.
 
-A checkpoint is a directory `ckpt-<step>` holding the shared training state (rank 0) and one
-file per rank (its RNG states and its store state). It is written as `ckpt-<step>.tmp` and
-renamed when every rank has finished, so a crash while writing leaves the previous
-checkpoint as the latest complete one. Older checkpoints are removed only after the rename.
+A checkpoint is a directory `ckpt-<step>` holding the shared training state (rank 0), one file
+per rank (its RNG states and its store state) and `manifest.json` (every file's size and sha256,
+written last). It is written as `ckpt-<step>.tmp` and renamed when complete, so a crash while
+writing leaves the earlier checkpoints as they were. The new checkpoint is then read back and
+checked against its manifest, and only after that are checkpoints beyond the newest
+`train.keep_checkpoints` removed.
+
+Every file is read with `torch.load(weights_only=True)`: tensors and plain containers only, so a
+crafted pickle is refused without running anything, and an unreadable file is an error naming it.
+Resuming takes the newest checkpoint whose files match its manifest and names each one skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -17,10 +26,19 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .classifier import file_sha256
 from .config import parse_config
 from .unet import build_network
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^ckpt-(\d{9})$")
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or model file that cannot be used; the message names the file."""
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -34,12 +52,133 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory in run_dir, or None."""
+def load_file(path: Path, what: str) -> dict:
+    """A file written by atomic_save, loaded with weights_only=True; any failure is a CheckpointError
+    naming the file (instead of a PytorchStreamReader / EOFError / UnpicklingError traceback)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {what} not found") from None
+    except Exception as e:  # noqa: BLE001 - every unpickling failure means a file that cannot be used
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable {what} (truncated, corrupted, or not written by this "
+                              f"project; {type(e).__name__}: {first})") from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{path}: not a {what} (holds a {type(blob).__name__}, expected a dict)")
+    return blob
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """The complete (renamed) checkpoint directories in run_dir, oldest first."""
     if not run_dir.is_dir():
-        return None
-    done = sorted(p for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory in run_dir (not verified), or None."""
+    done = complete(run_dir)
     return done[-1] if done else None
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def _write_manifest(ckpt: Path, step: int, world_size: int, store_backend: str) -> None:
+    # The files by name, not whatever is in the directory: a killed earlier attempt at the same step
+    # may have left parts of its own files there.
+    files = [TRAIN_STATE, *(f"rank{r}.pt" for r in range(world_size))]
+    manifest = {"step": step, "world_size": world_size, "store_backend": store_backend,
+                "files": {name: {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
+                          for name in files}}
+    tmp = ckpt / (MANIFEST + ".part")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def read_manifest(ckpt: Path) -> dict:
+    """The checkpoint's manifest (CheckpointError naming the file when missing or malformed)."""
+    path = ckpt / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+        files, world_size = manifest["files"], int(manifest["world_size"])
+        int(manifest["step"])
+        str(manifest["store_backend"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (the checkpoint was not completed by this code)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+    needed = {TRAIN_STATE, *(f"rank{r}.pt" for r in range(world_size))}
+    if not isinstance(files, dict) or not needed <= set(files):
+        raise CheckpointError(f"{path}: does not list {sorted(needed - set(files or {}))}")
+    return manifest
+
+
+def verify(ckpt: Path) -> dict:
+    """The manifest, after checking every file it lists has its size and sha256; else CheckpointError
+    naming the file that differs."""
+    manifest = read_manifest(ckpt)
+    for name, want in manifest["files"].items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {ckpt / MANIFEST})")
+        if path.stat().st_size != want["bytes"]:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {want['bytes']} "
+                                  f"(truncated or overwritten)")
+        if file_sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: sha256 differs from {ckpt / MANIFEST} (the file was corrupted)")
+    return manifest
+
+
+def _overwritten_by_arrow(older: dict, newer_step: int, steps_per_epoch: int) -> bool:
+    """Whether the Arrow store may have overwritten estimates an older checkpoint needs: the store
+    keeps a checkpoint's estimates only until the epoch after it starts writing (dddm.store), which
+    happens only after that epoch's end checkpoint, so a newer checkpoint at or past that end means
+    the run may have gone on into the next epoch."""
+    if older["store_backend"] != "arrow":
+        return False  # the device store's estimates are inside the checkpoint
+    step = older["step"]
+    epoch_end = step if step % steps_per_epoch == 0 else (step // steps_per_epoch + 1) * steps_per_epoch
+    return newer_step >= epoch_end
+
+
+def resumable(run_dir: Path, steps_per_epoch: int) -> Path | None:
+    """The newest checkpoint in run_dir that verifies; each newer one is skipped with a warning naming
+    it and why. None when there is none (training starts from step 0). A CheckpointError when the
+    newest verifying checkpoint cannot be resumed consistently (its Arrow estimates may be gone)."""
+    skipped: list[Path] = []
+    for ckpt in reversed(complete(run_dir)):
+        try:
+            manifest = verify(ckpt)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint %s: %s", ckpt, e)
+            skipped.append(ckpt)
+            continue
+        if skipped and _overwritten_by_arrow(manifest, step_of(skipped[0]), steps_per_epoch):
+            raise CheckpointError(f"{skipped[0]}: does not verify, and the older {ckpt} cannot be resumed: its "
+                                  f"x0 estimates in the Arrow store may have been overwritten since; delete "
+                                  f"{run_dir} to train afresh")
+        if skipped:
+            log.warning("resuming from the older checkpoint %s (skipped: %s)", ckpt,
+                        ", ".join(p.name for p in skipped))
+        return ckpt
+    if skipped:
+        log.warning("no checkpoint in %s verifies (skipped: %s); training starts from step 0", run_dir,
+                    ", ".join(p.name for p in skipped))
+    return None
+
+
+def _prune(run_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete checkpoints, and unfinished ones."""
+    done = complete(run_dir)
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in run_dir.glob("ckpt-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _rng_state() -> dict:
@@ -49,7 +188,7 @@ def _rng_state() -> dict:
     return state
 
 
-def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store) -> Path:
+def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store, keep: int) -> Path:
     final = run_dir / f"ckpt-{step:09d}"
     tmp = run_dir / f"ckpt-{step:09d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -59,26 +198,30 @@ def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store) -> Pat
     if world.is_main:
         atomic_save({"step": step, "world_size": world.world_size, "model": net.state_dict(),
                      "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                    tmp / "train_state.pt")
+                    tmp / TRAIN_STATE)
     distributed.barrier()
     if world.is_main:
+        _write_manifest(tmp, step, world.world_size, store.backend if store is not None else "none")
         if final.exists():  # a resumed run re-reaching a step it had saved before
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in run_dir.iterdir():
-            if old != final and old.is_dir() and (_NAME.match(old.name) or old.name.endswith(".tmp")):
-                shutil.rmtree(old, ignore_errors=True)
+        try:
+            verify(final)
+        except CheckpointError as e:
+            raise CheckpointError(f"{final}: just written, but it does not verify ({e}); the older checkpoints "
+                                  f"are kept") from None
+        _prune(run_dir, keep)
     distributed.barrier()
     return final
 
 
 def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
-    """Load a checkpoint into the given objects; returns its global step."""
-    shared = torch.load(path / "train_state.pt", map_location="cpu", weights_only=False)
+    """Load a verified checkpoint into the given objects; returns its global step."""
+    shared = load_file(path / TRAIN_STATE, "training state")
     if shared["world_size"] != world.world_size:
-        raise RuntimeError(f"{path}: written by {shared['world_size']} process(es) but this run has "
-                           f"{world.world_size}; resume with the same train.nproc or start a new run")
-    own = torch.load(path / f"rank{world.rank}.pt", map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{path}: written by {shared['world_size']} process(es) but this run has "
+                              f"{world.world_size}; resume with the same train.nproc or start a new run")
+    own = load_file(path / f"rank{world.rank}.pt", "rank state")
     net.load_state_dict(shared["model"])
     ema.load_state_dict(shared["ema"])
     opt.load_state_dict(shared["optimizer"])
@@ -91,10 +234,21 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     return int(shared["step"])
 
 
+def weights_sha256(state_dict: dict) -> str:
+    """A digest of a state dict's names and tensor bytes: what a model file's own checksum covers."""
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module) -> None:
-    """The final EMA network with the params, method and dataset info needed to rebuild it."""
+    """The final EMA network with the params, method and dataset info needed to rebuild it, and the
+    digest of its weights (a model file has no manifest: bytes changed inside a tensor are caught by this)."""
+    state = module.state_dict()
     atomic_save({"params": cfg.model_dump(mode="json"), "method": method, "dataset": asdict(info),
-                 "state_dict": module.state_dict()}, path)
+                 "state_dict": state, "weights_sha256": weights_sha256(state)}, path)
 
 
 @dataclass
@@ -122,11 +276,15 @@ class TrainedModel:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", expect_method: str | None = None) -> TrainedModel:
     """The network, its params and method from a file written by save_model."""
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found (run the train stage first)")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_file(path, "model file (rerun the train stage)")
+    if not {"params", "method", "dataset", "state_dict", "weights_sha256"} <= set(blob):
+        raise CheckpointError(f"{path}: not a model file written by the train stage (keys {sorted(blob)}); rerun it")
+    if weights_sha256(blob["state_dict"]) != blob["weights_sha256"]:
+        raise CheckpointError(f"{path}: the weights do not match the file's checksum (the file was corrupted); "
+                              f"rerun the train stage")
     cfg = parse_config(blob["params"], str(path))
     method = cfg.make_method(blob["method"])
     if expect_method is not None and method.name != expect_method:

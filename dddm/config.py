@@ -63,6 +63,7 @@ class TrainConfig(Section):
     nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
     checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
+    keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones
     resume: Literal["auto", "never"]
 
 

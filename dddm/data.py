@@ -21,6 +21,7 @@ shrinking), whose 8-bit arithmetic is exact, so a fingerprint does not depend on
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -119,6 +120,13 @@ def _read_cifar10(fs: fsspec.AbstractFileSystem, root: str, path: str, image_siz
                     name = posixpath.basename(member.name)
                     if member.isfile() and name in CIFAR_BATCHES:
                         batches[name] = _load_cifar_batch(tar.extractfile(member), f"{path}:{member.name}")
+                if isinstance(tar.fileobj, gzip.GzipFile):
+                    # The gzip CRC sits at the end of the stream, after the tar's end marker: read up to
+                    # it, so a file with bytes changed in the middle is refused, not trained on.
+                    while tar.fileobj.read(1 << 20):
+                        pass
+        except gzip.BadGzipFile as e:
+            raise DataError(f"cifar10: {path} is corrupted ({e}); download cifar-10-python.tar.gz again") from e
         except (tarfile.TarError, EOFError, zlib.error) as e:
             raise DataError(f"cifar10: {path} is not a CIFAR-10 archive (cifar-10-python.tar.gz): {e}") from e
     missing = [name for name in CIFAR_BATCHES if name not in batches]

@@ -5,8 +5,12 @@ A plain `python` launch (no torchrun environment) is a world of one with no proc
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -33,8 +37,35 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def kill_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies."""
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (Linux): SIGKILL this worker when the torchrun agent dies. torchrun starts its
+    workers in new sessions, so a kill -9 of the launching process group (dvc repro, torchrun) would
+    otherwise leave them training as orphans next to the trainer a rerun starts."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    kill_with_parent()
+    # The launcher may have died before the prctl: then this process was re-parented already.
+    try:
+        launcher = b"torch" in Path(f"/proc/{parent}/cmdline").read_bytes()
+    except OSError:
+        launcher = False
+    if os.getppid() != parent or not launcher:
+        raise SystemExit(f"worker {os.getpid()}: its torchrun launcher is gone (parent is now pid {os.getppid()})")
+
+
 def init(device_preference: str = "auto") -> World:
     """Join the torchrun process group if launched by torchrun, else a world of one."""
+    die_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -65,6 +65,8 @@ D + 1 samples (rank <= N - 1): the square root is then ill-conditioned and the n
 meaningless. So scoring raises (naming the argument) when N < D + 1: 2049 samples for FID
 (50k for paper comparisons; FID is biased upwards at small N), 129 for the classifier. KID
 is unbiased at any N; its subset size is min(kid_subset_size, N, N_reference) and reported.
+With use_inception None (`auto`), fewer than 2049 reference images or samples make scoring fall
+back to the classifier alone, with a warning saying why, instead of raising.
 
 Memory stays bounded: images go through the networks batch by batch (only the features,
 N x D float32, are kept: 400 MB for 50k x 2048), and the k-NN distances are computed in
@@ -84,6 +86,7 @@ match the reference and that the networks are the ones the reference was compute
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -101,6 +104,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .classifier import SmallClassifier, file_sha256, load_classifier
+
+log = logging.getLogger(__name__)
 
 INCEPTION_NAME = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -641,12 +646,19 @@ def load_reference_meta(reference_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _resolve_inception(inception_weights: str | os.PathLike | None, use_inception: bool | None,
-                       note: str = "") -> Path | None:
+                       count: int, what: str) -> Path | None:
+    """The Inception weights to use for `count` images, or None for the classifier alone. `auto`
+    (use_inception None) also falls back, saying why, when the count is below what FID needs."""
     if use_inception is False:
         return None
     found, searched = _search(inception_weights, None)
     if found is None and use_inception:
-        raise InceptionWeightsMissing(searched, note)
+        raise InceptionWeightsMissing(searched)
+    needed = int(INCEPTION_FID_LAYER) + 1
+    if found is not None and use_inception is None and count < needed:
+        log.warning("score.use_inception auto: %s are %d images, fewer than the %d an Inception FID needs; "
+                    "using the classifier fallback", what, count, needed)
+        return None
     return found
 
 
@@ -664,7 +676,7 @@ def compute_reference_stats(images: np.ndarray | torch.Tensor, reference_dir: st
     finds them). `fingerprint` (of the prepared dataset) is recorded for `ensure_reference_stats`.
     """
     validate_images(images, name="images")
-    weights = _resolve_inception(inception_weights, use_inception)
+    weights = _resolve_inception(inception_weights, use_inception, len(images), "the reference images")
     if classifier_path is None and weights is None:
         raise InceptionWeightsMissing(_search(inception_weights, None)[1],
                                       "and no classifier_path was given for the offline fallback")
@@ -722,7 +734,7 @@ def ensure_reference_stats(images: np.ndarray | torch.Tensor, reference_dir: str
     except (FileNotFoundError, ValueError):
         meta = None
     if meta is not None:
-        weights = _resolve_inception(inception_weights, use_inception)
+        weights = _resolve_inception(inception_weights, use_inception, len(images), "the reference images")
         nets = meta["networks"]
         want = {CLASSIFIER_NAME: classifier_path, INCEPTION_NAME: weights}
         current = (meta["image_shape"] == list(images.shape[1:]) and meta["num_images"] == len(images)
@@ -784,7 +796,11 @@ def score_samples(samples: np.ndarray | torch.Tensor, *, reference_dir: str | os
     meta = load_reference_meta(reference_dir)
     validate_images(samples, name=samples_name, expected_shape=meta["image_shape"])
     n = len(samples)
-    weights = _resolve_inception(inception_weights, use_inception)
+    weights = _resolve_inception(inception_weights, use_inception, n, samples_name)
+    if weights is not None and use_inception is None and INCEPTION_NAME not in meta["networks"]:
+        log.warning("score.use_inception auto: %s has no Inception statistics (too few reference images when it "
+                    "was computed); using the classifier fallback", reference_dir)
+        weights = None
     if weights is None and classifier_path is None:
         raise InceptionWeightsMissing(_search(inception_weights, None)[1],
                                       "and no classifier_path was given for the offline fallback")

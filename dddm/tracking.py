@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 import time
 import urllib.error
@@ -39,8 +40,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast with the URI named when an HTTP tracking server does not answer."""
+def check_reachable(uri: str, timeout: float = 4.0) -> None:
+    """Fail fast (within seconds, not after MLflow's two minutes of retries) with the URI named when an
+    HTTP tracking server does not answer or a SQLite tracking database cannot be opened."""
+    if uri.startswith("sqlite:///"):
+        _check_sqlite(uri)
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -49,6 +53,17 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise TrackingUnavailable(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
                                   f"MLFLOW_TRACKING_URI to log into {DEFAULT_URI}") from None
+
+
+def _check_sqlite(uri: str) -> None:
+    path = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow does
+        with sqlite3.connect(path, timeout=2) as db:
+            db.execute("pragma schema_version")
+    except (OSError, sqlite3.Error) as e:
+        raise TrackingUnavailable(f"MLflow tracking database {uri} cannot be opened ({path}: {e}); fix the "
+                                  f"path, or unset MLFLOW_TRACKING_URI to log into {DEFAULT_URI}") from None
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -80,6 +95,14 @@ class MlflowTracker:
         check_reachable(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+            except mlflow.exceptions.MlflowException:
+                raise TrackingUnavailable(
+                    f"MLflow run {run_id}, which this training run logged into before it was interrupted, is not "
+                    f"in the tracking store {self.uri} (was MLFLOW_TRACKING_URI changed?); set it back, or delete "
+                    f"mlflow_run.json in the run's checkpoint directory to continue in a new MLflow run") from None
         if run_id is None:
             exp = mlflow.set_experiment(experiment)
             run = self.client.create_run(exp.experiment_id, tags=tags | {"mlflow.source.git.commit": git_commit()})

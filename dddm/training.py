@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, runlock
 from .config import Config
 from .data import PreparedDataset
 from .methods import Progress
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss became NaN or infinite; the checkpoints are left as they were."""
 
 
 def epoch_batches(owned: torch.Tensor, seed: int, epoch: int, rank: int, num_batches: int) -> list[torch.Tensor]:
@@ -66,16 +66,29 @@ def run_directory(cfg: Config, method: str, fingerprint: str) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration and
     dataset, so `resume: auto` never continues a run of other parameters."""
     identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
-    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device")}
+    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device", "keep_checkpoints")}
     identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 
 
 def _truncate_history(path: Path, last_step: int) -> None:
-    """Drop rows a crashed run logged after the checkpoint it is resumed from."""
+    """Drop rows a crashed run logged after the checkpoint it is resumed from, and a last line torn
+    by a kill while it was being written."""
     if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        lines = path.read_text().splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    log.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
+                    break
+                raise RuntimeError(f"{path}: line {number} is not JSON; delete the file to start its history "
+                                   f"afresh") from None
+            if row["step"] <= last_step:
+                rows.append(line)
         path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -103,8 +116,15 @@ class NullTracker:
 def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
           tracker=None, progress: bool = True) -> TrainResult:
     """Train `method_name` per `cfg` on the prepared dataset; write the final EMA model to
-    out_dir/model.pt. `run_dir` holds checkpoints and the x0 store; with train.resume = auto the
-    latest complete checkpoint there is continued."""
+    out_dir/model.pt. `run_dir` holds checkpoints and the x0 store; with train.resume = auto the newest
+    checkpoint there that verifies is continued. One trainer per run_dir: a second one raises RunLocked."""
+    world = distributed.init(cfg.train.device)
+    with runlock.hold(Path(run_dir), world):
+        return _train(cfg, method_name, prepared_path, out_dir, run_dir, tracker, progress)
+
+
+def _train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
+           tracker, progress: bool) -> TrainResult:
     world = distributed.init(cfg.train.device)
     tracker = tracker if (tracker is not None and world.is_main) else NullTracker()
     out_dir, run_dir = Path(out_dir), Path(run_dir)
@@ -126,7 +146,9 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
     steps_per_epoch = math.ceil(largest_shard / tc.batch_size)
-    latest = checkpoint.latest(run_dir) if tc.resume == "auto" else None
+    # Rank 0 verifies the checkpoints; every rank resumes from the one it chose.
+    latest = distributed.all_gather_objects(checkpoint.resumable(run_dir, steps_per_epoch)
+                                            if tc.resume == "auto" and world.is_main else None)[0]
     store = _open_store(method, run_dir, latest is not None, info, shape, cfg.seed, world) if method.uses_store else None
     global_step = 0
     history_path = run_dir / "history.jsonl"
@@ -147,7 +169,7 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
                       "global_batch": str(tc.batch_size * world.world_size)})
 
     total_steps = tc.epochs * steps_per_epoch
-    last: dict = {}
+    saved = latest  # the newest checkpoint this run can go back to
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.bf16 and world.device.type == "cuda")
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not (progress and world.is_main))
     net.train()
@@ -180,8 +202,9 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
             stats = distributed.all_reduce_sum(stats)
             loss, *terms = (stats[:-1] / world.world_size).tolist()
             if not math.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch}); "
-                                       f"the last good checkpoint in {run_dir} is kept")
+                kept = f"the last good checkpoint {saved} is kept" if saved else \
+                    f"no checkpoint was written yet (train.checkpoint_every: {tc.checkpoint_every})"
+                raise TrainingDiverged(f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch}); {kept}")
             lap("forward")
             opt.zero_grad(set_to_none=True)
             out.total.backward()
@@ -203,14 +226,14 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
             if world.is_main:
                 with open(history_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            last = row
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, global_step)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
             end_of_epoch = global_step % steps_per_epoch == 0
             if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
                     (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps:
-                checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched, store=store)
+                saved = checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched,
+                                        store=store, keep=tc.keep_checkpoints)
         tracker.on_epoch_end(epoch, ema.module)
     bar.close()
 
@@ -218,6 +241,8 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_model(model_path, cfg, method.name, info, ema.module)
+        lines = history_path.read_text().splitlines() if history_path.exists() else []
+        last = json.loads(lines[-1]) if lines else {}  # also after a resume from the final checkpoint
         summary = {k: last[k] for k in ("loss", *method.terms) if k in last}
         (out_dir / "train_metrics.json").write_text(json.dumps(summary | {"steps": global_step}, indent=2))
     distributed.barrier()

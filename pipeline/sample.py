@@ -4,7 +4,7 @@
 import numpy as np
 import torch
 
-from dddm.checkpoint import load_model
+from dddm.checkpoint import CheckpointError, load_model
 from dddm.distributed import resolve_device
 from dddm.sampling import sample
 from dddm.tracking import RunLogger
@@ -16,7 +16,10 @@ def main() -> None:
     cfg, args = start("sample", __doc__, per_method=True, model="the trained model.pt",
                       run="its mlflow_run.json", out="the directory of samples to write")
     device = resolve_device(cfg.train.device)
-    trained = load_model(args.model, device, expect_method=args.method)
+    try:
+        trained = load_model(args.model, device, expect_method=args.method)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"sample: {e}")
     method = trained.with_sampler(cfg)
     run = RunLogger(args.run)
     args.out.mkdir(parents=True, exist_ok=True)

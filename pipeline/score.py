@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from dddm.checkpoint import load_model
+from dddm.checkpoint import CheckpointError, load_model
 from dddm.data import PreparedDataset
 from dddm.diagnostics import udddm_diagnostics
 from dddm.distributed import resolve_device
@@ -28,7 +28,10 @@ def main() -> None:
                       reference="the reference statistics directory", classifier="the scoring classifier",
                       out="the directory for metrics.json, by_steps.tsv and report.json")
     device = resolve_device(cfg.train.device)
-    trained = load_model(args.model, device, expect_method=args.method)
+    try:
+        trained = load_model(args.model, device, expect_method=args.method)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"score: {e}")
     method = trained.with_sampler(cfg)
     paths = {s: args.samples / f"{s}-step.npz" for s in method.sampler.steps}
     missing = [str(p) for p in paths.values() if not p.is_file()]

@@ -8,7 +8,7 @@ run that sample and score log into). Checkpoints and the x0 store live in
 import json
 from pathlib import Path
 
-from dddm import checkpoint, distributed
+from dddm import checkpoint, distributed, runlock
 from dddm.data import PreparedDataset
 from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference
 from dddm.training import TrainingDiverged, run_directory, train, write_history
@@ -41,6 +41,7 @@ def main() -> None:
     run_dir = run_directory(cfg, method.name, info.fingerprint)
     tracker = None
     try:
+        runlock.acquire(run_dir, world)  # before the MLflow run; held until this process exits
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             tracker = make_tracker(cfg, method, run_dir, info, world.device)
@@ -50,7 +51,7 @@ def main() -> None:
             tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
             write_run_reference(args.out / "mlflow_run.json", tracker.run_id)
-    except (TrainingDiverged, TrackingUnavailable) as e:
+    except (TrainingDiverged, TrackingUnavailable, checkpoint.CheckpointError, runlock.RunLocked) as e:
         if tracker:
             tracker.finish("FAILED")
         raise SystemExit(f"train: {e}")

@@ -279,6 +279,27 @@ def test_cifar10_not_an_archive(tmp_path):
         prepare_dataset("cifar10", str(junk), 32, tmp_path / "p.arrow", progress=False)
 
 
+@pytest.mark.parametrize("level", [0, 9])
+def test_cifar10_archive_with_bytes_changed_in_the_middle(tmp_path, cifar_source, cifar_archive, level):
+    """Level 0 (stored blocks) decompresses the changed pixels without complaint: only the gzip CRC at
+    the end of the stream catches them. Level 9 may fail earlier; either way the file is named."""
+    archive = tmp_path / "changed.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=level) as tar:
+        for name, data in cifar_source[2].items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    prepare_dataset("cifar10", str(archive), 32, tmp_path / "ok.arrow", progress=False)
+    data = bytearray(archive.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + 16] = bytes(b ^ 0x5A for b in data[middle: middle + 16])
+    archive.write_bytes(bytes(data))
+    match = f"^cifar10: {archive} is corrupted .*CRC" if level == 0 else f"^cifar10: {archive}"
+    with pytest.raises(DataError, match=match):
+        prepare_dataset("cifar10", str(archive), 32, tmp_path / "p.arrow", progress=False)
+    assert not (tmp_path / "p.arrow").exists()
+
+
 def test_cifar10_tar_without_members(tmp_path, cifar_source):
     members = {k: v for k, v in cifar_source[2].items() if not k.endswith(("_3", "_5"))}
     archive = write_tar(tmp_path / "partial.tar.gz", members)

@@ -374,3 +374,20 @@ def test_inception_branch_matches_torch_fidelity(random_inception, tmp_path, mon
     other = S.save_random_inception_weights(tmp_path / "other.pth", seed=1)
     with pytest.raises(ValueError, match="other.pth: differs from the inception-v3-compat file"):
         S.score_samples(a, reference_dir=ref_dir, inception_weights=other, progress=False)
+
+
+def test_auto_falls_back_to_the_classifier_when_too_few_images_for_inception_fid(trained, random_inception,
+                                                                                   tmp_path, caplog):
+    """`use_inception: auto` with the weights present and the digits' 1797 images (< 2049): the
+    reference and the score use the classifier, and the log says why; `always` still refuses."""
+    _, _, path, train_x, held, _ = trained
+    meta = S.compute_reference_stats(train_x, tmp_path / "ref", classifier_path=path,
+                                     inception_weights=random_inception, progress=False)
+    assert meta["networks"].keys() == {S.CLASSIFIER_NAME}
+    assert f"{len(train_x)} images, fewer than the 2049 an Inception FID needs" in caplog.text
+    out = S.score_samples(S.to_uint8(torch.as_tensor(held)).numpy(), reference_dir=tmp_path / "ref",
+                          classifier_path=path, inception_weights=random_inception, progress=False)
+    assert out["feature_network"] == S.CLASSIFIER_NAME and "fid" not in out
+    with pytest.raises(ValueError, match="too few for a Frechet distance in the 2048-d inception"):
+        S.compute_reference_stats(train_x, tmp_path / "ref2", classifier_path=path, use_inception=True,
+                                  inception_weights=random_inception, progress=False)

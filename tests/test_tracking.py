@@ -105,6 +105,26 @@ def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
     assert not (repo_copy / "out/train/udddm/model.pt").exists()
 
 
+def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(repo_copy, tmp_path):
+    """A SQLite URI that cannot be opened is named at once (MLflow itself retries for two minutes);
+    a resume whose MLflow run is not in the current tracking store says so instead of a traceback."""
+    write_params(repo_copy, tiny_params())
+    assert stage(repo_copy, "pipeline.prepare", "").returncode == 0
+    bad = "sqlite:////proc/x.db"
+    result = stage(repo_copy, "pipeline.train", bad)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"train: MLflow tracking database {bad} cannot be opened")
+
+    first = stage(repo_copy, "pipeline.train", f"sqlite:///{tmp_path}/a.db")
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_id = json.loads((repo_copy / "out/train/mlflow_run.json").read_text())["run_id"]
+    other = f"sqlite:///{tmp_path}/b.db"
+    result = stage(repo_copy, "pipeline.train", other)  # resumes from the final checkpoint
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train: MLflow run {run_id}, which this training run logged into") and other in last
+
+
 def test_image_grid_enlarges_small_images():
     import torch
     grid = image_grid(torch.zeros(10, 1, 8, 8))

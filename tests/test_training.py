@@ -1,12 +1,16 @@
 """The training loop with real processes: torchrun DDP (two gloo ranks), kill -9 and resume, NaN."""
 
+import math
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -44,7 +48,7 @@ def run_worker(params_file, prepared, out, run_dir, nproc=1, **popen):
     if popen:
         return subprocess.Popen(cmd, env=env, **popen)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
     return result
 
 
@@ -92,17 +96,39 @@ def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, prepared
     assert torch.allclose(both, estimates[order], atol=1e-4)
 
 
-def final_state(run_dir: Path, out: Path) -> dict:
+def final_state(run_dir: Path, out: Path, nproc: int) -> dict:
     ckpt = checkpoint.latest(run_dir)
-    shared = torch.load(ckpt / "train_state.pt", weights_only=False)
-    final = torch.load(out / "final-rank0.pt")
-    return {"model": shared["model"], "ema": shared["ema"], "estimates": final["estimates"],
-            "step": shared["step"]}
+    shared = torch.load(ckpt / "train_state.pt", weights_only=True)
+    estimates = [torch.load(out / f"final-rank{r}.pt")["estimates"] for r in range(nproc)]
+    return {"model": shared["model"], "ema": shared["ema"], "estimates": estimates, "step": shared["step"]}
+
+
+def wait_for(proc, condition, what: str) -> None:
+    deadline = time.time() + 300
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.0005)
+
+
+def kill_launching_group(proc, run_dir: Path) -> None:
+    """kill -9 of the launcher's process group, as when a terminal or `dvc repro` is killed. torchrun
+    starts its workers in sessions of their own, so they must die with it (dddm.distributed)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    _, orphans = psutil.wait_procs(workers, timeout=30)
+    assert not orphans, f"workers outlived their launcher: {orphans}"
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("policy", ["device", "arrow"])
-def test_kill_9_and_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, prepared, policy):
+def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_identical(tmp_path, prepared,
+                                                                                      policy, nproc):
+    """Three kills per run: at a random step, while a checkpoint directory is being written, at another
+    random step; each time the run resumes from its newest checkpoint, and the final weights, EMA
+    and every rank's estimates equal an uninterrupted run's bit for bit."""
     def params(name):
         return tiny_params(train={"epochs": 3, "batch_size": 128, "checkpoint_every": 5,
                                   "checkpoint_dir": str(tmp_path / name)},
@@ -110,34 +136,63 @@ def test_kill_9_and_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, pre
                            method={"udddm": {"store": {"policy": policy}}})
 
     whole = tmp_path / "whole"
-    run_worker(write(whole.mkdir() or whole, params("whole")), prepared, whole / "out", whole / "run")
+    run_worker(write(whole.mkdir() or whole, params("whole")), prepared, whole / "out", whole / "run", nproc=nproc)
+    total = 3 * math.ceil(math.ceil(1797 / nproc) / 128)
 
     crash = tmp_path / "crash"
     crash.mkdir()
-    pfile = write(crash, params("crash"))
-    proc = run_worker(pfile, prepared, crash / "out", crash / "run", stdout=subprocess.DEVNULL,
-                      stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while checkpoint.latest(crash / "run") is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into the steps after the first checkpoint
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.latest(crash / "run") is not None
-    resumed_from = torch.load(checkpoint.latest(crash / "run") / "train_state.pt", weights_only=False)["step"]
-    run_worker(pfile, prepared, crash / "out", crash / "run")
+    pfile, run_dir = write(crash, params("crash")), crash / "run"
+    history = run_dir / "history.jsonl"
+    rng = random.Random(f"{policy}-{nproc}")
 
-    a, b = final_state(whole / "run", whole / "out"), final_state(crash / "run", crash / "out")
-    assert a["step"] == b["step"] and resumed_from < b["step"]
+    def steps_done() -> int:
+        return len(history.read_text().splitlines()) if history.exists() else 0
+
+    for moment in ("random step", "checkpoint write", "random step"):
+        proc = run_worker(pfile, prepared, crash / "out", run_dir, nproc, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+        if moment == "random step":
+            target = rng.randrange(steps_done() + 1, total)
+            wait_for(proc, lambda: steps_done() >= target, f"step {target}")
+        else:
+            wait_for(proc, lambda: any(run_dir.glob("ckpt-*.tmp")), "a checkpoint write")
+        kill_launching_group(proc, run_dir)
+        if moment == "checkpoint write":
+            assert any(run_dir.glob("ckpt-*.tmp")), "killed after the checkpoint write had finished"
+    run_worker(pfile, prepared, crash / "out", run_dir, nproc)
+
+    a, b = final_state(whole / "run", whole / "out", nproc), final_state(run_dir, crash / "out", nproc)
+    assert a["step"] == b["step"] == total
     for part in ("model", "ema"):
         for name in a[part]:
-            if torch.is_tensor(a[part][name]):
-                assert torch.equal(a[part][name], b[part][name]), (part, name)
-    assert torch.equal(a["estimates"], b["estimates"])
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    for rank in range(nproc):
+        assert torch.equal(a["estimates"][rank], b["estimates"][rank]), rank
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, prepared, monkeypatch):
-    cfg = parse_config(tiny_params(train={"epochs": 2, "batch_size": 256, "checkpoint_every": 3,
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(tmp_path, prepared):
+    params = write(tmp_path, tiny_params(train={"epochs": 50, "checkpoint_dir": str(tmp_path / "ck")}))
+    first = run_worker(params, prepared, tmp_path / "out", tmp_path / "run", stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(first, lambda: (tmp_path / "run" / "history.jsonl").exists(), "the first trainer's first step")
+        second = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(WORKER), str(params), str(prepared), str(tmp_path / "out2"), str(tmp_path / "run")],
+                                env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode != 0
+        assert "another trainer is running on this run directory" in second.stderr
+        assert f'"pid": {first.pid}, "host": "{socket.gethostname()}"' in second.stderr
+        assert first.poll() is None and not (tmp_path / "out2").exists()
+    finally:
+        kill_launching_group(first, tmp_path / "run")
+
+
+@pytest.mark.parametrize("checkpoint_every", [3, 0])
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, prepared, monkeypatch,
+                                                                        checkpoint_every):
+    cfg = parse_config(tiny_params(train={"epochs": 2, "batch_size": 256, "checkpoint_every": checkpoint_every,
                                           "checkpoint_dir": str(tmp_path / "ck")}))
     from dddm.methods import UDDDM
 
@@ -151,14 +206,19 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         return out
 
     monkeypatch.setattr(UDDDM, "loss", poisoned)
-    with pytest.raises(TrainingDiverged, match="at step 5 "):
+    kept = f"the last good checkpoint {tmp_path / 'run' / 'ckpt-000000003'} is kept" if checkpoint_every else \
+        "no checkpoint was written yet"
+    with pytest.raises(TrainingDiverged, match=f"at step 5 .*; {kept}"):
         train(cfg, "udddm", prepared, tmp_path / "out", tmp_path / "run", progress=False)
+    assert not (tmp_path / "out" / "model.pt").exists()
+    if not checkpoint_every:
+        assert checkpoint.latest(tmp_path / "run") is None
+        return
     good = checkpoint.latest(tmp_path / "run")
     assert good.name == "ckpt-000000003"
-    state = torch.load(good / "train_state.pt", weights_only=False)
+    state = torch.load(good / "train_state.pt", weights_only=True)
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["model"].values())
-    assert not (tmp_path / "out" / "model.pt").exists()
 
 
 def nearest_data_distance(samples: torch.Tensor, data: torch.Tensor) -> float:

@@ -409,7 +409,7 @@ def test_from_disk_mode_and_record_batches(tmp_path, monkeypatch, batches):
     batches (more than 2^31 - 1 values per slot; here with a lowered limit), give the same values
     as the plain mapped path; a reopened multi-batch file validates and maps every batch."""
     shape = (4, 32, 32)
-    monkeypatch.setattr("dddm.store._MAX_ARRAY_ELEMENTS", 8 * 4096 + 5 if batches > 1 else 2**31 - 1)
+    monkeypatch.setattr("dddm.store.arrow_file.MAX_ARRAY_ELEMENTS", 8 * 4096 + 5 if batches > 1 else 2**31 - 1)
     stores = [make(tmp_path, "arrow", n=30, shape=shape, dtype="float16", sub=f"s{i}") for i in range(3)]
     assert pa.ipc.open_file(str(stores[0].path)).num_record_batches == batches
     for table in stores[1]._file.tables:
@@ -417,7 +417,7 @@ def test_from_disk_mode_and_record_batches(tmp_path, monkeypatch, batches):
     stores[2].begin_epoch(0)
     state = stores[2].state_dict()
     stores[2].close()
-    monkeypatch.setattr("dddm.store._MAX_ARRAY_ELEMENTS", 2**31 - 1)  # the file records its own split
+    monkeypatch.setattr("dddm.store.arrow_file.MAX_ARRAY_ELEMENTS", 2**31 - 1)  # the file records its own split
     stores[2] = make(tmp_path, "arrow", n=30, shape=shape, dtype="float16", sub="s2", resume=True)
     stores[2].load_state_dict(state)
     gen = torch.Generator().manual_seed(5)

@@ -227,6 +227,7 @@ class StoreFile:
                 reader = pa.ipc.open_file(source)
             except (pa.ArrowException, OSError) as e:
                 raise StoreError(f"{path}: not a valid Arrow IPC file, truncated or corrupt ({e})") from e
+            self._check_header(source, reader.schema)
             md = reader.schema.metadata or {}
             if _META_KEY not in md:
                 raise StoreError(f"{path}: an Arrow file but not an x0 store (no {_META_KEY.decode()} "
@@ -291,6 +292,19 @@ class StoreFile:
             return offsets
         finally:
             source.close()
+
+    def _check_header(self, source, schema: pa.Schema) -> None:
+        """The file's leading magic and schema, which pyarrow's file reader skips (it reads the
+        footer's copy), so that a damaged header is reported rather than left for other readers."""
+        source.seek(0)
+        try:
+            if source.read(6) != b"ARROW1":
+                raise ValueError("no ARROW1 magic at the start")
+            source.seek(8)
+            if not pa.ipc.read_schema(source).equals(schema, check_metadata=True):
+                raise ValueError("the schema at the start differs from the footer's")
+        except (ValueError, pa.ArrowException, OSError) as e:
+            raise StoreError(f"{self.path}: damaged header ({e})") from e
 
     def flush(self) -> None:
         """Write everything to disk: stores into the map and pwrites both sit in the page cache."""

@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .checksums import LOST
 from .common import FORMAT, STATE_VERSION, StoreError, compare_meta, storage_dtype
 from .ownership import check_world, initial_estimates, owned_indices
 
@@ -162,7 +163,17 @@ class EstimateStore:
             again = int(self.owned[int(local[self._written[local]][0])])
             raise StoreError(f"{self.describe()}: sample {again} was already scattered in epoch {self.epoch}; "
                              f"a sample is gathered at most once per epoch, before its scatter")
-        return self._read(local).to(self.device, non_blocking=True).float().reshape(len(local), *self.sample_shape)
+        values = self._read(local)
+        self._check_finite(values, local, "is not finite (NaN or infinite)")
+        return values.to(self.device, non_blocking=True).float().reshape(len(local), *self.sample_shape)
+
+    def _check_finite(self, values: torch.Tensor, local: np.ndarray, what: str) -> None:
+        """Raise StoreError unless every estimate is finite: the training loop never stores a
+        non-finite one (it stops first), so one read back means damaged storage or checkpoint."""
+        finite = torch.isfinite(values).all(dim=1)
+        if not finite.all():
+            bad = int(local[int(torch.nonzero(~finite)[0].item())])
+            raise StoreError(f"{self.describe()}: the estimate of sample {int(self.owned[bad])} {what}. {LOST}")
 
     def scatter(self, indices, values: torch.Tensor) -> None:
         """Store new estimates (any float dtype and device, shape (len, *sample_shape)), converted to
@@ -222,7 +233,9 @@ class EstimateStore:
                 raise StoreError(f"{self.describe()}: checkpoint estimates are {est.dtype} "
                                  f"{tuple(est.shape)}, expected {self._dtype.torch} "
                                  f"{(self.num_owned, *self.sample_shape)}")
-            self._load_from_device(est.reshape(self.num_owned, self.row_numel), written)
+            est = est.reshape(self.num_owned, self.row_numel)
+            self._check_finite(est, np.arange(self.num_owned), "in the checkpoint is not finite (NaN or infinite)")
+            self._load_from_device(est, written)
         else:
             raise StoreError(f"{self.describe()}: unknown store backend {state['backend']!r} in the checkpoint")
         self._written[:] = written

@@ -11,8 +11,9 @@ import torch
 
 from .arrow_file import StoreFile
 from .base import EstimateStore
+from .checksums import read_verified, state_checksums
 from .common import StoreError
-from .tables import HostTable, fill_rows, read_slots
+from .tables import HostTable, fill_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,9 @@ class DeviceStore(EstimateStore):
                 raise StoreError(f"{path}: file id {f.file_id} is not the store file the checkpoint refers to "
                                  f"(id {state['file_id']})")
             newest = (slot ^ written).astype(np.uint8)
+            sums = state_checksums(state, self.num_owned, str(path))
 
             def source(start, end):
-                return read_slots(f.tables, np.arange(start, end), newest[start:end])
+                return read_verified(path, f.tables, np.arange(start, end), newest[start:end], sums, self.owned)
             self._fill(source)
         log.info("%s: loaded the estimates of the checkpoint's Arrow store %s", self.describe(), path)

@@ -17,19 +17,15 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .files import atomic_open
 
 _NAME = re.compile(r"^ckpt-(\d{9})$")
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    """torch.save, atomically (`dddm.files.atomic_open`)."""
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest(run_dir: Path) -> Path | None:

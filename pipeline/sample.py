@@ -4,10 +4,10 @@ the grids also logged to the training run in MLflow."""
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dddm.checkpoint import load_model
 from dddm.distributed import resolve_device
+from dddm.pixels import to_uint8
 from dddm.sampling import sample
 from dddm.tracking import RunLogger
 
@@ -29,8 +29,7 @@ def main() -> None:
     for steps in cfg.sample.steps:
         images = sample(net, diffusion, cfg.sample.num_samples, shape, steps, cfg.seed,
                         cfg.sample.batch_size, device, progress=True)
-        as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        np.savez_compressed(OUT / f"{steps}-step.npz", images=as_uint8)
+        np.savez_compressed(OUT / f"{steps}-step.npz", images=to_uint8(images.cpu()).numpy())
         run.save_grid(images, OUT / f"{steps}-step.png", f"samples/{steps}-step.png")
 
 

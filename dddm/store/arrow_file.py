@@ -17,6 +17,7 @@ import psutil
 import pyarrow as pa
 import torch
 
+from ..files import atomic_open
 from .common import FORMAT, FORMAT_VERSION, StorageDtype, StoreError, compare_meta, fmt_bytes
 from .tables import CHUNK_BYTES, FileTable
 
@@ -92,7 +93,7 @@ class _NullFile:
 
 def create_store_file(path: Path, meta: dict, dtype: StorageDtype, shape: tuple[int, ...], owned: np.ndarray,
                        source: Callable[[int, int], torch.Tensor]) -> None:
-    """Write the store file (as <path>.tmp, renamed when complete), est_0 from `source`."""
+    """Write the store file (atomically: complete or absent), est_0 from `source`."""
     from tqdm.auto import tqdm
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,7 @@ def create_store_file(path: Path, meta: dict, dtype: StorageDtype, shape: tuple[
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "file_id": uuid.uuid4().hex, "rows_per_batch": chunk_rows,
             "init": "dddm.rng.normal_per_index(index, shape, seed, STREAM_INITIAL_ESTIMATE)",
             "value_encoding": "bfloat16 bits in uint16" if dtype.name == "bfloat16" else dtype.name, **meta}
-    tmp = path.with_name(path.name + ".tmp")
-    holder = tmp.with_name(path.name + ".placeholder")
+    holder = path.with_name(path.name + ".placeholder")
     # Stand-ins for the estimate buffers: a read-only map of a sparse file, slot 0 at 0, slot 1 after it.
     second = size + _PAGE
     with open(holder, "wb") as h:
@@ -153,16 +153,8 @@ def create_store_file(path: Path, meta: dict, dtype: StorageDtype, shape: tuple[
                     f.write(memoryview(block).cast("B"))
                     bar.update(block.nbytes)
 
-            with open(tmp, "wb") as f:
+            with atomic_open(path) as f:
                 write(f, fill, pad)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     finally:
         del base, batches
         targets = None

@@ -170,9 +170,12 @@ class EstimateStore:
     def _check_finite(self, values: torch.Tensor, local: np.ndarray, what: str) -> None:
         """Raise StoreError unless every estimate is finite: the training loop never stores a
         non-finite one (it stops first), so one read back means damaged storage or checkpoint."""
-        finite = torch.isfinite(values).all(dim=1)
-        if not finite.all():
-            bad = int(local[int(torch.nonzero(~finite)[0].item())])
+        if values.device.type == "cpu":
+            bad_rows = self._dtype.nonfinite_rows(values)
+        else:  # on the GPU (the device backend): one small reduction
+            bad_rows = (~torch.isfinite(values).all(dim=1)).cpu().numpy()
+        if bad_rows.any():
+            bad = int(local[np.flatnonzero(bad_rows)[0]])
             raise StoreError(f"{self.describe()}: the estimate of sample {int(self.owned[bad])} {what}. {LOST}")
 
     def scatter(self, indices, values: torch.Tensor) -> None:

@@ -25,16 +25,27 @@ class StorageDtype:
     bits: np.dtype  # host representation (bfloat16: int16 bits)
     bits_torch: torch.dtype  # the same in torch
     arrow: pa.DataType  # Arrow value type (bfloat16: uint16 bits)
+    word: torch.dtype  # an integer type of the same size
+    exponent: int  # the exponent bits, all set in NaN and infinity only
 
     @property
     def itemsize(self) -> int:
         return self.bits.itemsize
 
+    def nonfinite_rows(self, values: torch.Tensor) -> np.ndarray:
+        """Which rows of (k, numel) CPU values in this dtype hold a NaN or an infinity (an integer
+        test of the exponent bits: several times faster than torch.isfinite on the CPU)."""
+        words = values.contiguous().view(self.word).numpy()
+        return ((words & self.exponent) == self.exponent).any(axis=1)
+
 
 DTYPES = {
-    "float32": StorageDtype("float32", torch.float32, np.dtype(np.float32), torch.float32, pa.float32()),
-    "float16": StorageDtype("float16", torch.float16, np.dtype(np.float16), torch.float16, pa.float16()),
-    "bfloat16": StorageDtype("bfloat16", torch.bfloat16, np.dtype(np.int16), torch.int16, pa.uint16()),
+    "float32": StorageDtype("float32", torch.float32, np.dtype(np.float32), torch.float32, pa.float32(),
+                            torch.int32, 0x7F800000),
+    "float16": StorageDtype("float16", torch.float16, np.dtype(np.float16), torch.float16, pa.float16(),
+                            torch.int16, 0x7C00),
+    "bfloat16": StorageDtype("bfloat16", torch.bfloat16, np.dtype(np.int16), torch.int16, pa.uint16(),
+                             torch.int16, 0x7F80),
 }
 
 

@@ -1,4 +1,4 @@
-"""The x0 estimate store (dddm/store.py): both backends, the Arrow file, checkpoints, bad input."""
+"""The x0 estimate store (dddm/store/): both backends, the Arrow file, checkpoints, bad and damaged input."""
 
 from __future__ import annotations
 

@@ -224,7 +224,8 @@ class EstimateStore:
                              f"(format {found!r}, expected {FORMAT!r})")
         if state.get("version") != STATE_VERSION:
             raise StoreError(f"{self.describe()}: store state version {state.get('version')} "
-                             f"(this code reads version {STATE_VERSION})")
+                             f"(this code reads version {STATE_VERSION}); start the run afresh with "
+                             f"train.resume=never")
         compare_meta(self._meta(), state, "checkpoint store state")
         written = unpack_bits(state["written"], self.num_owned, "written")
         if state["backend"] == "arrow":

@@ -30,8 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dddm import scoring as S
-from dddm.classifier import SmallClassifier, save_classifier
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/random_inception.py, as the tests import it
+
+from dddm import scoring as S  # noqa: E402
+from dddm.classifier import SmallClassifier, save_classifier  # noqa: E402
+from random_inception import save_random_inception_weights  # noqa: E402
 
 
 def write_pngs(images: np.ndarray, folder: Path) -> None:
@@ -93,7 +97,7 @@ def main() -> None:
     p.add_argument("--json-out", default=None, help="also write the results here")
     args = p.parse_args()
 
-    device = S._device(args.device)
+    device = S.default_device(args.device)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_scoring_"))
     work.mkdir(parents=True, exist_ok=True)
     n_cls = args.num_samples
@@ -125,7 +129,7 @@ def main() -> None:
         weights = S.find_inception_weights(args.inception_weights)
         label = "real FID weights"
         if weights is None:
-            weights = S.save_random_inception_weights(work / "random-inception.pth", seed=0)
+            weights = save_random_inception_weights(work / "random-inception.pth", seed=0)
             label = "random-init weights: timings only, not FID"
         results["inception_weights"] = f"{weights} ({label})"
         print(f"inception weights: {weights} ({label})", flush=True)

@@ -28,6 +28,7 @@ import torch
 from . import distributed
 from .classifier import file_sha256
 from .config import parse_config
+from .files import atomic_open
 from .unet import build_network
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,9 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    """torch.save, atomically (`dddm.files.atomic_open`)."""
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_file(path: Path, what: str) -> dict:

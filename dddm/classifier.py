@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from .files import atomic_open
+from .pixels import to_float
 
 FORMAT = "dddm-classifier-v1"
 MIN_SIZE, MAX_SIZE = 8, 64
@@ -93,16 +95,6 @@ class SmallClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def to_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1] (u / 127.5 - 1); float input is returned as float32."""
-    x = torch.as_tensor(images)
-    if x.dtype == torch.uint8:
-        return x.to(torch.float32) / 127.5 - 1.0
-    if not torch.is_floating_point(x):
-        raise ValueError(f"images: expected uint8 or float, got {x.dtype}")
-    return x.to(torch.float32)
-
-
 HOLDOUT_FRACTION = 0.2  # the share of images kept out of the classifier's training
 
 
@@ -136,7 +128,7 @@ def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | tor
     training; returns (model in eval mode on the CPU, its accuracy on that holdout). Adam with a
     cosine learning-rate decay; random +-1 pixel shifts as the only augmentation.
     """
-    x = to_float_images(images)
+    x = to_float(images)
     y = torch.as_tensor(np.asarray(labels)).long()
     if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3]:
         raise ValueError(f"images: expected (N, C, H, H) with C in (1, 3), got {tuple(x.shape)}")
@@ -195,14 +187,8 @@ def save_classifier(model: SmallClassifier, path: str | os.PathLike, meta: dict[
     payload = {"format": FORMAT, "arch": dict(model.config),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": dict(meta or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
     return path
 
 

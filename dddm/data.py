@@ -24,11 +24,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import posixpath
 import tarfile
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,9 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from tqdm import tqdm
+
+from .files import atomic_open
+from .pixels import to_float
 
 SOURCES = ("digits", "cifar10", "folder")
 MIN_IMAGE_SIZE = 8
@@ -234,17 +235,8 @@ def _write(images: np.ndarray, labels: np.ndarray, source: str, out_path: Path) 
                        metadata={k: str(v) for k, v in metadata.items()})
     batch = pa.record_batch([image_column, pa.array(labels, type=pa.int64())], schema=schema)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with pa.ipc.new_file(f, schema) as writer:
-                writer.write_batch(batch)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(out_path) as f, pa.ipc.new_file(f, schema) as writer:
+        writer.write_batch(batch)
     return info
 
 
@@ -276,7 +268,7 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def images(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 (B, C, H, W) in [-1, 1], u / 127.5 - 1 for the stored uint8 u."""
-        return torch.from_numpy(self._images[_index_array(indices)]).float().div_(127.5).sub_(1.0)
+        return to_float(torch.from_numpy(self._images[_index_array(indices)]))
 
     def labels(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self._labels[_index_array(indices)])

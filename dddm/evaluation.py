@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classifier import SmallClassifier, load_classifier, to_float_images
+from .classifier import SmallClassifier, load_classifier
+from .pixels import to_float
 from .scoring import score_samples
 
 MIN_SHARE = 0.03  # a class counts as covered when it holds at least 3% of the samples
@@ -21,7 +22,7 @@ MIN_SHARE = 0.03  # a class counts as covered when it holds at least 3% of the s
 @torch.no_grad()
 def predicted_labels(images: np.ndarray | torch.Tensor, classifier: SmallClassifier, batch_size: int = 512) -> np.ndarray:
     """The classifier's label for each image (uint8, or float in [-1, 1])."""
-    x = to_float_images(images)
+    x = to_float(images)
     classifier = classifier.eval()
     return torch.cat([classifier(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]).numpy()
 

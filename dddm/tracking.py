@@ -25,6 +25,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
+from .files import atomic_open
+from .pixels import to_uint8
 from .sampling import sample
 
 log = logging.getLogger(__name__)
@@ -154,12 +156,10 @@ class MlflowTracker:
 def image_grid(images: torch.Tensor, max_images: int = 64, min_tile: int = 32) -> np.ndarray:
     """Up to 64 images in [-1, 1] as an 8-wide uint8 HWC grid; small images are enlarged
     (nearest neighbour) so a 16x16 digit is still readable."""
-    images = images[:max_images].float()
+    images = to_uint8(images[:max_images].cpu())
     scale = max(1, math.ceil(min_tile / images.shape[-1]))
-    if scale > 1:
-        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    grid = make_grid((images + 1) / 2, nrow=8, padding=2, pad_value=1.0).clamp(0, 1)
-    return (grid.permute(1, 2, 0) * 255).round().byte().numpy()
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)  # nearest neighbour
+    return make_grid(images, nrow=8, padding=2, pad_value=255).permute(1, 2, 0).numpy()
 
 
 def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
@@ -173,8 +173,8 @@ def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
 
 def write_run_reference(path: Path, run_id: str) -> None:
     """The file later stages read to log into the same MLflow run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}, indent=2))
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}, indent=2))
 
 
 class RunLogger:
@@ -191,7 +191,8 @@ class RunLogger:
     def save_grid(self, images: torch.Tensor, png_path: Path, artifact_file: str) -> None:
         """Write the grid as a PNG file and log the same image to the run."""
         grid = image_grid(images)
-        Image.fromarray(grid).save(png_path)
+        with atomic_open(png_path) as f:
+            Image.fromarray(grid).save(f, format="PNG")
         self.client.log_image(self.run_id, grid, artifact_file)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:

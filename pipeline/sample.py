@@ -2,10 +2,10 @@
 (`sampler.<name>.steps`), the grids also logged to the method's MLflow run."""
 
 import numpy as np
-import torch
 
 from dddm.checkpoint import CheckpointError, load_model
 from dddm.distributed import resolve_device
+from dddm.pixels import to_uint8
 from dddm.sampling import sample
 from dddm.tracking import RunLogger
 
@@ -26,8 +26,7 @@ def main() -> None:
     for steps in method.sampler.steps:
         images = sample(method, trained.net, cfg.sample.num_samples, trained.shape, steps,
                         cfg.sample.batch_size, device, progress=True)
-        as_uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        np.savez_compressed(args.out / f"{steps}-step.npz", images=as_uint8)
+        np.savez_compressed(args.out / f"{steps}-step.npz", images=to_uint8(images.cpu()).numpy())
         run.save_grid(images, args.out / f"{steps}-step.png", f"samples/{steps}-step.png")
 
 

@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
+# One intra-op thread in this process and in the stages and workers the tests start (they inherit
+# the environment): the suite's tensors are tiny, and on a shared 2-core machine OpenMP's spinning
+# threads made it several times slower (tests/test_unet.py at load 7: 72 s with 2 threads, 7 s with 1).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from dddm.config import merge_params as merge
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from dddm.config import merge_params as merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

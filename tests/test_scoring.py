@@ -25,7 +25,9 @@ from sklearn.datasets import load_digits
 from torch.utils.data import Dataset
 
 from dddm import scoring as S
+from dddm.pixels import to_float, to_uint8
 from dddm.classifier import SmallClassifier, load_classifier, save_classifier, split_indices, train_classifier
+from random_inception import save_random_inception_weights
 
 SEED = 0
 
@@ -97,7 +99,7 @@ class _Images(Dataset):
 
 @pytest.fixture(scope="module")
 def random_inception(tmp_path_factory):
-    return S.save_random_inception_weights(tmp_path_factory.mktemp("incep") / "random-inception.pth", seed=SEED)
+    return save_random_inception_weights(tmp_path_factory.mktemp("incep") / "random-inception.pth", seed=SEED)
 
 
 def test_inception_score_matches_torch_fidelity(random_inception):
@@ -116,8 +118,8 @@ def test_inception_score_matches_torch_fidelity(random_inception):
 
 def test_to_uint8_round_trip():
     u = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    assert torch.equal(S.to_uint8(S.to_float(u)), u)
-    assert torch.equal(S.to_uint8(torch.tensor([-1.0, -1.5, 0.0, 1.0, 2.0])),
+    assert torch.equal(to_uint8(to_float(u)), u)
+    assert torch.equal(to_uint8(torch.tensor([-1.0, -1.5, 0.0, 1.0, 2.0])),
                        torch.tensor([0, 0, 128, 255, 255], dtype=torch.uint8))
 
 
@@ -264,7 +266,7 @@ def test_score_samples_falls_back_to_the_classifier_under_its_own_names(trained,
     ref_dir, meta = reference
     assert meta["networks"].keys() == {S.CLASSIFIER_NAME} and meta["image_shape"] == [1, 16, 16]
     assert json.loads((ref_dir / S.META_FILE).read_text())["fingerprint"] == "abc"
-    held_u8 = S.to_uint8(torch.as_tensor(held)).numpy()
+    held_u8 = to_uint8(torch.as_tensor(held)).numpy()
     out = S.score_samples(held_u8, reference_dir=ref_dir, classifier_path=path, progress=False)
     assert out["feature_network"] == "classifier" and out["inception_weights"] is None
     assert not {"fid", "is", "kid"} & out.keys()
@@ -329,8 +331,8 @@ def test_inception_branch_matches_torch_fidelity(random_inception, tmp_path, mon
     and the logits: a Frechet distance needs N >= D + 1 images, and 2049 images through the full
     network at 299x299 take minutes on a CPU, while 2 x ~70 through its first blocks take seconds.
     Nothing downstream depends on the layer; IS on the real logits layer is checked below."""
-    monkeypatch.setattr(S, "INCEPTION_FID_LAYER", "64")
-    monkeypatch.setattr(S, "INCEPTION_ISC_LAYER", "64")
+    monkeypatch.setattr(S.inception, "INCEPTION_FID_LAYER", "64")
+    monkeypatch.setattr(S.inception, "INCEPTION_ISC_LAYER", "64")
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
     (hub / S.INCEPTION_WEIGHTS_FILENAME).write_bytes(random_inception.read_bytes())
@@ -370,8 +372,8 @@ def test_inception_branch_matches_torch_fidelity(random_inception, tmp_path, mon
     assert abs(stats.frechet_distance(stats)) < 1e-6 * fid_ref
 
     with pytest.raises(ValueError, match=r"^samples: 60 images are too few .*inception 64"):
-        S.score_samples(a[:60], reference_dir=ref_dir, progress=False)
-    other = S.save_random_inception_weights(tmp_path / "other.pth", seed=1)
+        S.score_samples(a[:60], reference_dir=ref_dir, use_inception=True, progress=False)
+    other = save_random_inception_weights(tmp_path / "other.pth", seed=1)
     with pytest.raises(ValueError, match="other.pth: differs from the inception-v3-compat file"):
         S.score_samples(a, reference_dir=ref_dir, inception_weights=other, progress=False)
 
@@ -385,7 +387,7 @@ def test_auto_falls_back_to_the_classifier_when_too_few_images_for_inception_fid
                                      inception_weights=random_inception, progress=False)
     assert meta["networks"].keys() == {S.CLASSIFIER_NAME}
     assert f"{len(train_x)} images, fewer than the 2049 an Inception FID needs" in caplog.text
-    out = S.score_samples(S.to_uint8(torch.as_tensor(held)).numpy(), reference_dir=tmp_path / "ref",
+    out = S.score_samples(to_uint8(torch.as_tensor(held)).numpy(), reference_dir=tmp_path / "ref",
                           classifier_path=path, inception_weights=random_inception, progress=False)
     assert out["feature_network"] == S.CLASSIFIER_NAME and "fid" not in out
     with pytest.raises(ValueError, match="too few for a Frechet distance in the 2048-d inception"):

@@ -1,4 +1,4 @@
-"""The x0 estimate store (dddm/store.py): both backends, the Arrow file, checkpoints, bad input."""
+"""The x0 estimate store (dddm/store/): both backends, the Arrow file, checkpoints, bad and damaged input."""
 
 from __future__ import annotations
 
@@ -409,7 +409,7 @@ def test_from_disk_mode_and_record_batches(tmp_path, monkeypatch, batches):
     batches (more than 2^31 - 1 values per slot; here with a lowered limit), give the same values
     as the plain mapped path; a reopened multi-batch file validates and maps every batch."""
     shape = (4, 32, 32)
-    monkeypatch.setattr("dddm.store._MAX_ARRAY_ELEMENTS", 8 * 4096 + 5 if batches > 1 else 2**31 - 1)
+    monkeypatch.setattr("dddm.store.arrow_file.MAX_ARRAY_ELEMENTS", 8 * 4096 + 5 if batches > 1 else 2**31 - 1)
     stores = [make(tmp_path, "arrow", n=30, shape=shape, dtype="float16", sub=f"s{i}") for i in range(3)]
     assert pa.ipc.open_file(str(stores[0].path)).num_record_batches == batches
     for table in stores[1]._file.tables:
@@ -417,7 +417,7 @@ def test_from_disk_mode_and_record_batches(tmp_path, monkeypatch, batches):
     stores[2].begin_epoch(0)
     state = stores[2].state_dict()
     stores[2].close()
-    monkeypatch.setattr("dddm.store._MAX_ARRAY_ELEMENTS", 2**31 - 1)  # the file records its own split
+    monkeypatch.setattr("dddm.store.arrow_file.MAX_ARRAY_ELEMENTS", 2**31 - 1)  # the file records its own split
     stores[2] = make(tmp_path, "arrow", n=30, shape=shape, dtype="float16", sub="s2", resume=True)
     stores[2].load_state_dict(state)
     gen = torch.Generator().manual_seed(5)
@@ -450,3 +450,100 @@ def test_device_checkpoint_into_an_existing_arrow_file(tmp_path):
         s.begin_epoch(1)
     rest = torch.arange(N_TRAIN)[~torch.from_numpy(device._written)]
     assert torch.equal(arrow.gather(rest), device.gather(rest))
+
+
+# ----------------------------------------------------------------------------- damaged store files
+
+BIG = (3, 16, 16)  # 3 KB rows: an 8 KB patch lies inside the estimates of a few rows
+
+
+def checkpointed_file(tmp_path, epochs=2, mid_epoch=False):
+    """An Arrow store after `epochs` epochs of scatters (and half of the next one if mid_epoch), its
+    checkpoint state and the estimates that state stands for; the store is closed."""
+    store = make(tmp_path, "arrow", n=24, shape=BIG)
+    gen = torch.Generator().manual_seed(1)
+    for epoch in range(epochs + mid_epoch):
+        store.begin_epoch(epoch)
+        order = torch.randperm(24, generator=gen)
+        for idx in (order[:12] if epoch == epochs else order).split(5):
+            store.gather(idx)
+            store.scatter(idx, torch.randn(len(idx), *BIG, generator=gen))
+    state, expected = store.state_dict(), store.estimates()
+    slot_offsets = [int(table.offsets[0]) for table in store._file.tables]  # file offset of row 0 per slot
+    store.close()
+    return store, state, expected, slot_offsets
+
+
+def bits(packed: torch.Tensor) -> np.ndarray:
+    return np.unpackbits(packed.numpy(), count=24)
+
+
+def damage(path, offset, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("kind", ["random", "0xff", "1e4"])
+def test_damaged_estimates_stop_the_resume_naming_the_file(tmp_path, kind):
+    """The three cases of issue #12: 8 KB of random bytes or of 0xFF in the middle of the file, and
+    64 estimates set to 1e4 (finite, plausible): each stops the resume with the file and the way out,
+    instead of a NaN later, a run that fails forever, or a different model."""
+    store, state, _, slot_offsets = checkpointed_file(tmp_path)
+    size = os.path.getsize(store.path)
+    if kind == "1e4":  # in row 1's newest estimate, which the checkpoint needs
+        newest = bits(state["slot"]) ^ bits(state["written"])
+        damage(store.path, slot_offsets[newest[1]] + 4 * 1000, np.full(64, 1e4, np.float32).tobytes())
+    else:
+        patch = np.random.default_rng(0).bytes(8192) if kind == "random" else b"\xff" * 8192
+        damage(store.path, size // 2 - 4096, patch)
+    resumed = make(tmp_path, "arrow", n=24, shape=BIG, resume=True)
+    with pytest.raises(StoreError, match="do not match their checksums") as err:
+        resumed.load_state_dict(state)
+    assert str(store.path) in str(err.value) and "train.resume=never" in str(err.value)
+
+
+def test_damage_while_training_is_caught_at_gather(tmp_path):
+    store = make(tmp_path, "arrow", n=24, shape=BIG)
+    store.begin_epoch(0)
+    damage(store.path, int(store._file.tables[0].offsets[0]) + 3 * 3072, b"\xff" * 4096)  # rows 3 and 4
+    store.gather(torch.tensor([0, 1, 2, 5]))  # undamaged rows read fine
+    with pytest.raises(StoreError, match="dataset index 3, column est_0") as err:
+        store.gather(torch.tensor([2, 3]))
+    assert str(store.path) in str(err.value)
+
+
+def test_damage_to_a_slot_the_checkpoint_does_not_need_is_harmless(tmp_path):
+    """Mid-epoch, the free slot of the rows not yet written holds nothing the checkpoint needs: the
+    resume verifies, and continues from exactly the checkpoint's estimates."""
+    store, state, expected, slot_offsets = checkpointed_file(tmp_path, epochs=1, mid_epoch=True)
+    row = int(np.flatnonzero(bits(state["written"]) == 0)[0])
+    damage(store.path, slot_offsets[1 - bits(state["slot"])[row]] + row * 3 * 16 * 16 * 4, b"\xff" * 1024)
+    resumed = make(tmp_path, "arrow", n=24, shape=BIG, resume=True)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.estimates(), expected)
+
+
+@pytest.mark.parametrize("where", ["magic", "schema metadata", "footer"])
+def test_damaged_header_or_footer_is_rejected_naming_the_file(tmp_path, where):
+    store, state, _, _ = checkpointed_file(tmp_path, epochs=1)
+    raw = store.path.read_bytes()
+    offset = {"magic": 0, "schema metadata": raw.index(b"fp-1"), "footer": len(raw) - 10}[where]
+    damage(store.path, offset, b"\x00XYZ")
+    with pytest.raises(StoreError) as err:
+        make(tmp_path, "arrow", n=24, shape=BIG, resume=True).load_state_dict(state)
+    assert str(store.path) in str(err.value)
+
+
+def test_non_finite_estimates_are_caught(tmp_path):
+    """A NaN in a device checkpoint is refused on load; one that reaches the buffer, at gather."""
+    store = make(tmp_path, "device", n=24)
+    store.begin_epoch(0)
+    state = store.state_dict()
+    state["estimates"][5, 0, 1, 1] = float("nan")
+    with pytest.raises(StoreError, match="sample 5 in the checkpoint is not finite"):
+        make(tmp_path, "device", n=24, resume=True).load_state_dict(state)
+    store._buf[7, 3] = float("inf")
+    store.gather(torch.tensor([6, 8]))
+    with pytest.raises(StoreError, match="sample 7 is not finite"):
+        store.gather(torch.tensor([1, 7]))

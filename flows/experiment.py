@@ -21,11 +21,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from dddm.evaluation import HEADLINE
 from flows import dvcrun
 from flows.registry import lower_is_better, model_name, register_if_better, resolve_uri, run_link, split_metric
 
 REPO = Path(__file__).resolve().parents[1]
-NUMBERS = ("fid", "fid_classifier", "precision", "recall", "classes")
 DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
 
 
@@ -126,7 +126,7 @@ def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias
 def scores_table(metrics: dict[str, dict[str, dict]]) -> str:
     """One line per method and row (nfe1, nfe2, ..., untrained)."""
     flat = {f"{method} {row}": m for method, rows in metrics.items() for row, m in rows.items()}
-    columns = [k for k in NUMBERS if any(k in m for m in flat.values())]
+    columns = [k for k in HEADLINE if any(k in m for m in flat.values())]
     rows = [f"| {name} | " + " | ".join(f"{m[k]:.4g}" if k in m else "" for k in columns) + " |"
             for name, m in flat.items()]
     return "\n".join([f"| samples | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|", *rows])

@@ -5,15 +5,16 @@ import json
 
 from PIL import Image, ImageDraw
 
+from dddm.evaluation import HEADLINE
+
 from .common import start
 
-SHOWN = (("fid", "FID"), ("fid_classifier", "fid_classifier"), ("precision", "precision"),
-         ("recall", "recall"), ("classes", "classes >= 3%"))
+TITLES = {"fid": "FID", "classes": "classes >= 3%"}  # the rest are shown under their own names
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
     """Markdown: one line per (name, steps, numbers)."""
-    keys = [(k, title) for k, title in SHOWN if any(k in numbers for _, _, numbers in rows)]
+    keys = [(k, TITLES.get(k, k)) for k in HEADLINE if any(k in numbers for _, _, numbers in rows)]
     lines = ["| method | sampling | network evaluations | " + " | ".join(t for _, t in keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
     for name, sampling, numbers in rows:

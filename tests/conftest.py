@@ -20,6 +20,8 @@ from dddm.config import merge_params as merge  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:  # `flows` and `pipeline` are not installed packages
+    sys.path.insert(0, str(ROOT))
 
 
 def repo_params() -> dict:

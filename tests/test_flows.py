@@ -19,10 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ROOT, run_env, tiny_params, write_params
+from conftest import run_env, tiny_params, write_params
 
-if str(ROOT) not in sys.path:  # `flows` is not an installed package
-    sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
 
@@ -242,7 +240,7 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     logs = logs_of(client, bad.id, until="method.udddm.process")
     assert bad.state.is_failed(), bad.state
     assert "Running stage 'check'" in logs and "method.udddm.process" in logs and "subvp" in logs, logs[-4000:]
-    assert logs.count("Running stage 'check'") == 1  # a bad parameter is not retried
+    assert "Retry 1/" not in logs  # a bad parameter is not retried (Prefect logs "Retry 1/2 will start ...")
     assert {p: digest(repo / p) for p in before} == before
     assert mlflow.get_model_version_by_alias("udddm-digits", "champion").version == champion.version
 

@@ -139,6 +139,7 @@ def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):
     refused = dvc(repo, "exp", "run", "-S", "train.epochs=-1")
     assert refused.returncode != 0 and "train.epochs" in refused.stdout + refused.stderr
     assert snapshot(repo) == before
+    write_params(repo, tiny_params())  # DVC leaves its -S edit in params.yaml after a failed run
     exp = dvc(repo, "exp", "run", "-S", "method.udddm.process=ve")
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     assert [line for line in ran(exp) if "@" in line and "compare" not in line] == \

@@ -109,17 +109,17 @@ def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(repo_copy, tmp_p
     """A SQLite URI that cannot be opened is named at once (MLflow itself retries for two minutes);
     a resume whose MLflow run is not in the current tracking store says so instead of a traceback."""
     write_params(repo_copy, tiny_params())
-    assert stage(repo_copy, "pipeline.prepare", "").returncode == 0
+    assert stage(repo_copy, "prepare", "").returncode == 0
     bad = "sqlite:////proc/x.db"
-    result = stage(repo_copy, "pipeline.train", bad)
+    result = stage(repo_copy, "train@udddm", bad)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"train: MLflow tracking database {bad} cannot be opened")
 
-    first = stage(repo_copy, "pipeline.train", f"sqlite:///{tmp_path}/a.db")
+    first = stage(repo_copy, "train@udddm", f"sqlite:///{tmp_path}/a.db")
     assert first.returncode == 0, first.stderr[-3000:]
-    run_id = json.loads((repo_copy / "out/train/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"]
     other = f"sqlite:///{tmp_path}/b.db"
-    result = stage(repo_copy, "pipeline.train", other)  # resumes from the final checkpoint
+    result = stage(repo_copy, "train@udddm", other)  # resumes from the final checkpoint
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"train: MLflow run {run_id}, which this training run logged into") and other in last

@@ -1,4 +1,4 @@
-"""The speed options of dddm/performance.py against the kernels used before them, at the default
+"""The speed options of dddm/performance.py (uDDDM) against the kernels used before them, at the default
 config (params.yaml) or the issue's CIFAR-size network: step speed and how far the results move.
 
     python bench/bench_options.py [--epochs 2] [--rounds 9] [--config default|cifar] [--compile]
@@ -31,10 +31,10 @@ from bench_peer import time_interleaved  # noqa: E402
 from dddm import performance  # noqa: E402
 from dddm.config import merge_params, parse_config  # noqa: E402
 from dddm.data import PreparedDataset, prepare_dataset  # noqa: E402
-from dddm.losses import metric_fn  # noqa: E402
+from dddm.methods import Progress  # noqa: E402
 from dddm.sampling import sample  # noqa: E402
-from dddm.step import training_step  # noqa: E402
-from dddm.training import build_network, train  # noqa: E402
+from dddm.training import train  # noqa: E402
+from dddm.unet import build_network  # noqa: E402
 
 # The issue's CIFAR-size network (bench/bench_peer.py's), on digits resized to 32x32.
 CIFAR_SIZE = {"data": {"image_size": 32}, "model": {"base_channels": 64, "channel_mult": [1, 2, 2], "num_blocks": 2,
@@ -60,20 +60,20 @@ def step_closure(params: dict, prepared: Path, before: bool):
     data = PreparedDataset(prepared)
     idx = torch.arange(cfg.train.batch_size)
     x0, est = data.images(idx), torch.randn(len(idx), 1, cfg.data.image_size, cfg.data.image_size)
+    method = cfg.make_method("udddm")
     torch.manual_seed(cfg.seed)
-    net = build_network(cfg, 1)
+    net = build_network(cfg.model, cfg.data.image_size, 1, method.conditioning)
     with kernels_before() if before else contextlib.nullcontext():
         opt = performance.adam(net.parameters(), cfg.train.lr, torch.device("cpu"))
     model = performance.maybe_compile(net, cfg.train.compile)
     autocast = performance.bf16_autocast(torch.device("cpu"), cfg.train.bf16, cfg.train.cpu_bf16)
-    diffusion, metric = cfg.make_diffusion(), metric_fn(cfg.loss.metric, cfg.huber_c)
 
     def step():
         with kernels_before() if before else contextlib.nullcontext():
             with autocast:
-                out = training_step(model, diffusion, x0, idx, est, 1, metric, cfg.seed)
+                out = method.loss(model, x0, idx, Progress(1, 0, 1), est)
             opt.zero_grad(set_to_none=True)
-            out.terms.total.backward()
+            out.total.backward()
             opt.step()
 
     return step
@@ -82,10 +82,10 @@ def step_closure(params: dict, prepared: Path, before: bool):
 def run(tmp: Path, name: str, params: dict, prepared: Path, before: bool) -> dict:
     cfg = parse_config(merge_params(params, {"train": {"checkpoint_dir": str(tmp / name / "ck")}}))
     with kernels_before() if before else contextlib.nullcontext():
-        result = train(cfg, prepared, tmp / name / "out", tmp / name / "run", progress=False)
+        result = train(cfg, "udddm", prepared, tmp / name / "out", tmp / name / "run", progress=False)
     rows = [json.loads(line) for line in result.history_path.read_text().splitlines()]
-    samples = sample(result.ema.module, cfg.make_diffusion(), 64, (1, cfg.data.image_size, cfg.data.image_size),
-                     steps=1, seed=1, batch_size=64)
+    samples = sample(cfg.make_method("udddm"), result.ema.module, 64, (1, cfg.data.image_size, cfg.data.image_size),
+                     steps=1, batch_size=64)
     return {"loss": rows[-1]["loss"],
             "weights": torch.cat([p.detach().flatten() for p in result.net.parameters()]), "samples": samples}
 
@@ -109,7 +109,8 @@ def main() -> None:
         variants["train.compile"] = ({"compile": True}, False)
     cfg = parse_config(base)
     torch.manual_seed(cfg.seed)
-    init = torch.cat([p.detach().flatten() for p in build_network(cfg, 1).parameters()])
+    init = torch.cat([p.detach().flatten() for p in build_network(
+        cfg.model, cfg.data.image_size, 1, cfg.make_method("udddm").conditioning).parameters()])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepared = tmp / "prepared.arrow"

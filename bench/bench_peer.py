@@ -32,16 +32,15 @@ import types
 from pathlib import Path
 
 import torch
+import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dddm.diffusion import Diffusion  # noqa: E402
-from dddm.losses import metric_fn  # noqa: E402
+from dddm.config import merge_params, parse_config  # noqa: E402
+from dddm.methods import Progress  # noqa: E402
 from dddm.performance import adam, bf16_autocast, cpu_has_native_bf16  # noqa: E402
-from dddm.sampling import iterate_estimates  # noqa: E402
-from dddm.step import training_step  # noqa: E402
 from dddm.unet import UNet  # noqa: E402
 
 SIZE, CHANNELS, WIDTH, MULT, BLOCKS, ATTN, HEADS = 32, 3, 64, (1, 2, 2), 2, 16, 4
@@ -95,13 +94,20 @@ def count(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def udddm_vp():
+    """The project's uDDDM with the VP process at the authors' T and betas, concat conditioning."""
+    params = merge_params(yaml.safe_load((ROOT / "params.yaml").read_text()), {"method": {"udddm": {
+        "process": "vp", "processes": {"vp": {"T": T, "beta_min": BETA_MIN, "beta_max": BETA_MAX}},
+        "conditioning": "concat", "metric": "pseudo_huber", "huber_c": None}}})
+    return parse_config(params, "bench_peer").make_method("udddm")
+
+
 def project_variant(batch: int, bf16: bool):
     torch.manual_seed(0)
     net = UNet(SIZE, CHANNELS, WIDTH, MULT, BLOCKS, (ATTN,), 0.0, HEADS, "concat")
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(EMA), use_buffers=True)
     opt = adam(net.parameters(), LR, torch.device("cpu"))
-    diffusion = Diffusion("vp", T, beta_min=BETA_MIN, beta_max=BETA_MAX)
-    metric = metric_fn("pseudo_huber", 1.4e-4)
+    method = udddm_vp()
     autocast = bf16_autocast(torch.device("cpu"), cuda_bf16=False, cpu_bf16=bf16)
     x0, estimates = torch.rand(batch, CHANNELS, SIZE, SIZE) * 2 - 1, torch.randn(batch, CHANNELS, SIZE, SIZE)
     idx = torch.arange(batch)
@@ -109,17 +115,17 @@ def project_variant(batch: int, bf16: bool):
     def step():
         net.train()
         with autocast:
-            out = training_step(net, diffusion, x0, idx, estimates[idx], EPOCH, metric, seed=0)
+            out = method.loss(net, x0, idx, Progress(EPOCH, 0, 1), estimates[idx])
         opt.zero_grad(set_to_none=True)
-        out.terms.total.backward()
+        out.total.backward()
         opt.step()
         ema.update_parameters(net)
         estimates[idx] = out.new_estimates.float()
 
     def sample():
         net.eval()
-        with autocast:
-            iterate_estimates(net, diffusion, torch.randn_like(x0), diffusion.prior(torch.randn_like(x0)), 1)
+        with torch.inference_mode(), autocast:  # as dddm.sampling runs a method's sampler
+            method.iterate(net, torch.randn_like(x0), method.process.prior(torch.randn_like(x0)), 1).clamp(-1, 1)
 
     return net, step, sample
 

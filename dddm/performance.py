@@ -1,14 +1,15 @@
 """Speed options of the training loop: precision, optimizer kernel and torch.compile.
 
-Each default is the one measured fastest on CPU (bench/bench_options.py; README, "Speed against
-the authors' code"), and none changes what is computed beyond float rounding:
+Each default is the one measured best on CPU (bench/bench_options.py, bench/bench_peer.py;
+README, "Speed against the authors' code"):
 - bf16 autocast: on CUDA with `train.bf16`; on CPU only with `train.cpu_bf16` and a CPU with
   native bf16 (AMX / avx512_bf16, as oneDNN reports it). On such a CPU it pays at CIFAR-size
-  widths (2x at 64 channels) but costs at the embedded default's 32 channels (0.77x), so it is
-  off by default;
-- Adam with the fused kernel (one pass over all parameters; 3x the for-loop kernel on CPU);
-- `train.compile`: torch.compile of the network; off by default (1.0x at the default config on
-  CPU for a 100 s compile).
+  widths (2x at 64 channels) but not at the embedded default's (1.05x, within noise), and it
+  moves results at bf16 precision, so it is off by default;
+- Adam with the fused kernel (one pass over all parameters; 3x the for-loop kernel on CPU; the
+  same results to float rounding);
+- `train.compile`: torch.compile of the network; off by default (1.13x per step at the default
+  config on CPU, less than the minute and a half or more of compiling saves).
 """
 
 from __future__ import annotations

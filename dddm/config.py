@@ -58,7 +58,9 @@ class TrainConfig(Section):
     warmup_steps: int = Field(ge=0)  # linear lr warm-up; 0 = none
     grad_clip: float | None = Field(gt=0.0)  # max gradient norm; null = no clipping
     ema_decay: float = Field(ge=0.0, lt=1.0)
-    bf16: bool  # bf16 autocast, on CUDA only
+    bf16: bool  # bf16 autocast on CUDA
+    cpu_bf16: bool  # bf16 autocast on CPUs with native bf16 (dddm/performance.py: faster only at larger widths)
+    compile: bool  # torch.compile the network
     device: Literal["auto", "cpu", "cuda"]
     nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end

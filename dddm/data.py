@@ -12,6 +12,11 @@ Sources (`prepare_dataset`):
 - `digits`: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), 1 channel;
 - `cifar10`: `cifar-10-python.tar.gz` (or its extracted `cifar-10-batches-py` directory), the
   50000 training images of data_batch_1..5, 3 channels;
+- `imagenet64`: downsampled ImageNet 64x64 (Chrabaszcz, Loshchilov & Hutter 2017), the directory
+  holding `train_data_batch_1..10`, each a pickled dict (or the same name + `.npz`, the numpy
+  variant) with `data` uint8 (N, 12288) rows of CHW planes (RGB) and `labels`, which the release
+  numbers 1..1000; they are stored 0-based (label - 1), 1000 classes, 1281167 images. Streamed:
+  only one source batch is in memory at a time (see `_prepare_imagenet64`);
 - `folder`: png/jpg/jpeg files found recursively, as RGB, resized so the short side is
   `image_size` and center-cropped; when every image lies in a subfolder, the label is the index
   of its first-level subfolder among the sorted names, else every label is 0.
@@ -42,10 +47,12 @@ from tqdm import tqdm
 from .files import atomic_open
 from .pixels import to_float
 
-SOURCES = ("digits", "cifar10", "folder")
+SOURCES = ("digits", "cifar10", "folder", "imagenet64")
 MIN_IMAGE_SIZE = 8
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CIFAR_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+IMAGENET64_BATCHES = tuple(f"train_data_batch_{i}" for i in range(1, 11))
+IMAGENET64_CLASSES = 1000
 RESAMPLE = Image.Resampling.BILINEAR
 
 
@@ -79,6 +86,8 @@ def prepare_dataset(source: str, path: str | None, image_size: int, out_path: st
         images, labels = _read_digits(image_size, progress)
     else:
         fs, root = _locate(source, path)
+        if source == "imagenet64":
+            return _prepare_imagenet64(fs, root, path, image_size, Path(out_path), progress)
         reader = _read_cifar10 if source == "cifar10" else _read_folder
         images, labels = reader(fs, root, path, image_size, progress)
     return _write(images, labels, source, Path(out_path))
@@ -139,11 +148,12 @@ def _read_cifar10(fs: fsspec.AbstractFileSystem, root: str, path: str, image_siz
     return _resize(images, image_size, progress), labels
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """CIFAR-10's batches are pickles; this refuses any global but what a batch needs (numpy
-    arrays), so a hostile file cannot run code."""
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR-10's and downsampled ImageNet's batches are pickles; this refuses any global but what
+    a batch needs (numpy arrays, pickled by any protocol), so a hostile file cannot run code."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
@@ -155,7 +165,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _load_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled batch {b"data": uint8 (N, 3072) CHW rows, b"labels": N ints} -> (N, 3, 32, 32), labels."""
     try:
-        batch = _CifarUnpickler(f, encoding="bytes").load()
+        batch = _ArrayUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as e:  # garbage makes pickle raise nearly any exception type
         raise DataError(f"cifar10: {where} is not a CIFAR-10 batch: {type(e).__name__}: {e}") from e
@@ -164,6 +174,61 @@ def _load_cifar_batch(f, where: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"cifar10: {where} is not a CIFAR-10 batch: data {data.dtype} {data.shape}, "
                         f"labels {labels.shape} (expected uint8 (N, 3072) and N labels in 0..9)")
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _prepare_imagenet64(fs: fsspec.AbstractFileSystem, root: str, path: str, image_size: int, out_path: Path,
+                        progress: bool) -> PreparedInfo:
+    """Stream the 10 batches into a raw image file beside `out_path` (one batch in memory at a
+    time), then write the prepared file from a memory map of it: the fingerprint's hash needs the
+    image count first, and the Arrow record batch its length, both known only at the end.
+    Needs the prepared file's size once more on disk, for the raw file, until the end."""
+    if not fs.isdir(root):
+        raise DataError(f"imagenet64: {path} is not a directory (expected train_data_batch_1..10 inside)")
+    names = {posixpath.basename(p) for p in fs.ls(root, detail=False)}
+    files = [name if name in names else f"{name}.npz" for name in IMAGENET64_BATCHES]
+    missing = [name for name, file in zip(IMAGENET64_BATCHES, files) if file not in names]
+    if missing:
+        raise DataError(f"imagenet64: {path} lacks {', '.join(missing)} (nor their .npz variants); "
+                        f"all of train_data_batch_1..10 are needed")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    raw = out_path.with_name(f".{out_path.name}.images")  # as atomic_open's: a crash leaves one, replaced next time
+    labels = []
+    try:
+        with open(raw, "wb") as out:
+            for file in tqdm(files, desc="imagenet64", unit=" batches", disable=not progress):
+                with fs.open(f"{root}/{file}", "rb") as f:
+                    images, batch_labels = _load_imagenet64_batch(f, file.endswith(".npz"), f"{path}/{file}")
+                out.write(np.ascontiguousarray(_resize(images, image_size, progress=False)).data)
+                labels.append(batch_labels)
+                del images  # before the next batch is read: one batch in memory at a time
+        labels = np.concatenate(labels)
+        images = np.memmap(raw, dtype=np.uint8, mode="r", shape=(len(labels), 3, image_size, image_size))
+        return _write(images, labels, "imagenet64", out_path)
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def _load_imagenet64_batch(f, is_npz: bool, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch {data: uint8 (N, 12288) CHW rows, labels: N ints in 1..1000} -> (N, 3, 64, 64), labels - 1."""
+    try:
+        if is_npz:
+            with np.load(f, allow_pickle=False) as npz:
+                data, labels = npz["data"], npz["labels"]
+        else:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+            batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+            data, labels = batch["data"], batch["labels"]
+        data, labels = np.asarray(data), np.asarray(labels, dtype=np.int64)
+    except Exception as e:  # a truncated or foreign file makes pickle / zipfile raise nearly anything
+        raise DataError(f"imagenet64: {where} is not a downsampled-ImageNet batch (truncated or another format): "
+                        f"{type(e).__name__}: {e}") from e
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 64 * 64 or labels.shape != (len(data),):
+        raise DataError(f"imagenet64: {where} has data {data.dtype} {data.shape} and labels {labels.shape}; "
+                        f"expected uint8 (N, 12288) (3x64x64 CHW rows) and N labels")
+    if len(labels) and (labels.min() < 1 or labels.max() > IMAGENET64_CLASSES):
+        raise DataError(f"imagenet64: {where} has labels in {labels.min()}..{labels.max()}; the format's are "
+                        f"1..{IMAGENET64_CLASSES}")
+    return data.reshape(-1, 3, 64, 64), labels - 1
 
 
 def _read_folder(fs: fsspec.AbstractFileSystem, root: str, path: str, image_size: int,
@@ -230,7 +295,10 @@ def _write(images: np.ndarray, labels: np.ndarray, source: str, out_path: Path) 
                         num_classes=int(labels.max()) + 1, source=source)
     metadata = {"channels": c, "height": h, "width": w, "num_samples": n, "num_classes": info.num_classes,
                 "source": source, "fingerprint": info.fingerprint}
-    image_column = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(images).reshape(-1)), c * h * w)
+    # Wrapped, not converted: pa.array would copy a read-only memory map (the streamed sources' images).
+    flat = np.ascontiguousarray(images).reshape(-1)
+    values = pa.UInt8Array.from_buffers(pa.uint8(), flat.size, [None, pa.py_buffer(flat)])
+    image_column = pa.FixedSizeListArray.from_arrays(values, c * h * w)
     schema = pa.schema([("image", image_column.type), ("label", pa.int64())],
                        metadata={k: str(v) for k, v in metadata.items()})
     batch = pa.record_batch([image_column, pa.array(labels, type=pa.int64())], schema=schema)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from . import checkpoint, distributed, runlock
+from . import checkpoint, distributed, performance, runlock
 from .config import Config
 from .data import PreparedDataset
 from .methods import Progress
@@ -137,11 +137,12 @@ def _train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: st
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     net = build_network(cfg.model, info.image_size, info.channels, method.conditioning).to(world.device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-    opt = torch.optim.Adam(net.parameters(), lr=tc.lr)
+    opt = performance.adam(net.parameters(), tc.lr, world.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps)
                                               if tc.warmup_steps else 1.0)
     model = DistributedDataParallel(net, device_ids=[world.device.index] if world.device.type == "cuda" else None) \
         if world.world_size > 1 else net
+    model = performance.maybe_compile(model, tc.compile)
 
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
@@ -170,7 +171,7 @@ def _train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: st
 
     total_steps = tc.epochs * steps_per_epoch
     saved = latest  # the newest checkpoint this run can go back to
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=tc.bf16 and world.device.type == "cuda")
+    autocast = performance.bf16_autocast(world.device, tc.bf16, tc.cpu_bf16)
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not (progress and world.is_main))
     net.train()
     while global_step < total_steps:

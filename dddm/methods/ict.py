@@ -93,7 +93,7 @@ class ICT(Method):
                                            STREAM_TRAIN_NOISE, progress.epoch)
         cdf = index_probabilities(sigmas, c.p_mean, c.p_std).cumsum(0)
         i = torch.searchsorted(cdf, u, right=True).clamp(max=levels - 2)
-        lo, hi = (sigmas[i].float().view(-1, 1, 1, 1).to(x0.device), sigmas[i + 1].float().view(-1, 1, 1, 1).to(x0.device))
+        lo, hi = (sigmas[j].float().view(-1, 1, 1, 1).to(x0.device) for j in (i, i + 1))
         z = z.to(x0.device)
         weight = (1.0 / (sigmas[i + 1] - sigmas[i])).float().to(x0.device)
         student = self.f(net, x0 + hi * z, hi)

@@ -44,6 +44,13 @@ def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
+def points_grid(points: list[dict[str, Any]]) -> dict[str, list]:
+    """The columns of explicit points: every key any point sets, with each point's value (None where a
+    point leaves that key as params.yaml has it)."""
+    keys = list(dict.fromkeys(key for point in points for key in point))
+    return {key: [point.get(key) for point in points] for key in keys}
+
+
 @task(name="temp-experiment", task_run_name="{name}", retries=1, retry_delay_seconds=30,
       retry_condition_fn=dvcrun.retry_if_transient)
 def temp_experiment(repo: str, name: str, overrides: dict[str, Any], timeout_s: float) -> dict:
@@ -125,7 +132,7 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     if concurrency < 1:
         raise ValueError(f"concurrency: {concurrency} must be >= 1")
     if points is not None:
-        grid = {key: [p.get(key) for p in points] for p in points for key in p}
+        grid = points_grid(points)
     else:
         points = grid_points(grid)
     logger.info("%d grid points, %d at a time", len(points), concurrency)

@@ -328,3 +328,19 @@ def test_registry_moves_the_alias_only_on_a_better_score(tmp_path):
     moved = register_if_better(uri, first, name, metric, score=2.5)
     assert moved["moved"] and moved["previous_score"] == 3.0 and moved["version"] == "1"
     assert client.get_model_version(name, "1").tags["score"] == "2.5"
+
+
+def test_study_points_become_one_comparison_table():
+    from flows.sweep import STUDY_POINTS, comparison_table, points_grid
+
+    grid = points_grid(STUDY_POINTS)
+    assert list(grid) == ["method.udddm.process", "method.udddm.processes.ve.sigma_max",
+                          "method.udddm.estimates_from", "method.udddm.n_counts"]
+    assert grid["method.udddm.process"] == [None, "vp", None, None, None]
+    metrics = {"udddm": {"nfe1": {"fid_classifier": 1469.0, "precision": 0.01, "recall": 0.0}}}
+    rows = [(point, {"metrics": metrics, "experiment": f"e{i}"}) for i, point in enumerate(STUDY_POINTS)]
+    rows[3] = (STUDY_POINTS[3], None)  # a failed point
+    table = comparison_table(grid, rows, "udddm/nfe1/fid_classifier", rows[0][1])
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(STUDY_POINTS) and lines[2].startswith("| **best** | null | null | null | null | 1469")
+    assert '| "data" |' in lines[5] and lines[5].startswith("| failed |")

@@ -120,12 +120,11 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     checkpoint there that verifies is continued. One trainer per run_dir: a second one raises RunLocked."""
     world = distributed.init(cfg.train.device)
     with runlock.hold(Path(run_dir), world):
-        return _train(cfg, method_name, prepared_path, out_dir, run_dir, tracker, progress)
+        return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress)
 
 
-def _train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
-           tracker, progress: bool) -> TrainResult:
-    world = distributed.init(cfg.train.device)
+def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_dir: str | Path,
+           run_dir: str | Path, tracker, progress: bool) -> TrainResult:
     tracker = tracker if (tracker is not None and world.is_main) else NullTracker()
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     dataset = PreparedDataset(prepared_path)

@@ -24,6 +24,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dddm.rendezvous import torchrun_command  # noqa: E402
 from dddm.training import PHASES  # noqa: E402
 
 
@@ -42,8 +43,7 @@ def run_variant(tmp: Path, name: str, params: dict, prepared: Path, nproc: int, 
     params = json.loads(json.dumps(params))
     params["train"]["checkpoint_dir"] = str(work / "ck")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable] if nproc == 1 else torchrun_command(nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     subprocess.run([*launcher, __file__, "--worker", str(work / "params.yaml"), str(prepared), str(work / "out"),
                     str(work / "run")], check=True, env=env)

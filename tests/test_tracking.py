@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_env, tiny_params, write_params
+from dddm.rendezvous import torchrun_command
 from dddm.tracking import flatten, image_grid
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,7 @@ def stage(repo, name, uri, nproc=None):
     declared = expanded_stages(repo)[name]["cmd"].split()
     module = declared.index("-m")
     args = declared[module + 1:]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", *args]
+    cmd = ([*torchrun_command(nproc), "-m", *args]
            if nproc else [sys.executable, "-m", *args])
     return subprocess.run(cmd, cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                           timeout=600)

@@ -20,6 +20,7 @@ from dddm import checkpoint
 from dddm.config import parse_config
 from dddm.data import prepare_dataset
 from dddm.methods import Progress
+from dddm.rendezvous import torchrun_command
 from dddm.store import owned_indices
 from dddm.training import TrainingDiverged, epoch_batches, train
 from dddm.unet import build_network
@@ -41,8 +42,7 @@ def write(tmp_path, params) -> Path:
 
 
 def run_worker(params_file, prepared, out, run_dir, nproc=1, **popen):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                if nproc > 1 else [sys.executable])
+    launcher = torchrun_command(nproc) if nproc > 1 else [sys.executable]
     cmd = [*launcher, str(WORKER), str(params_file), str(prepared), str(out), str(run_dir)]
     env = run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if popen:
@@ -177,8 +177,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
                        stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(first, lambda: (tmp_path / "run" / "history.jsonl").exists(), "the first trainer's first step")
-        second = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 str(WORKER), str(params), str(prepared), str(tmp_path / "out2"), str(tmp_path / "run")],
+        second = subprocess.run([*torchrun_command(2), str(WORKER), str(params), str(prepared), str(tmp_path / "out2"), str(tmp_path / "run")],
                                 env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0

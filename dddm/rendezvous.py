@@ -1,0 +1,97 @@
+"""`torchrun --rdzv-backend=loopback`: a one-machine rendezvous whose every listener binds 127.0.0.1.
+
+`torchrun --standalone` hosts its stores on all interfaces (torch's TCPStore server binds the wildcard
+address whatever host it is given), so a single-machine run would accept connections from the network.
+This backend binds the store's socket to loopback itself and hands it to TCPStore (`master_listen_fd`),
+and points the workers' gloo/NCCL sockets at the loopback interface. torchrun finds it through the
+`torchrun.handlers` entry point in pyproject.toml. Several machines use torchrun's c10d backend instead.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+
+import psutil
+from torch.distributed import PrefixStore, TCPStore
+from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
+                                                  RendezvousStoreInfo)
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_interface() -> str:
+    """The name of the interface that holds 127.0.0.1 (`lo` on Linux, `lo0` on macOS)."""
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == LOOPBACK for a in addresses):
+            return name
+    raise RuntimeError(f"no network interface holds {LOOPBACK}")
+
+
+class LoopbackRendezvous(RendezvousHandler):
+    """All workers on this machine; the agent hosts the one store, and the workers share it."""
+
+    def __init__(self, run_id: str, timeout: datetime.timedelta):
+        self.run_id = run_id
+        self.timeout = timeout
+        self._store: TCPStore | None = None
+        self._listener: socket.socket | None = None
+
+    def get_backend(self) -> str:
+        return "loopback"
+
+    @property
+    def use_agent_store(self) -> bool:
+        return True
+
+    def next_rendezvous(self) -> RendezvousInfo:
+        if self._store is None:
+            self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._listener.bind((LOOPBACK, 0))
+            self._listener.listen(128)
+            port = self._listener.getsockname()[1]
+            self._store = TCPStore(LOOPBACK, port, 1, True, self.timeout, multi_tenant=True,
+                                   master_listen_fd=self._listener.fileno())
+            # The workers inherit the agent's environment: their collective sockets go on loopback too.
+            interface = loopback_interface()
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        port = self._listener.getsockname()[1]
+        return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1, RendezvousStoreInfo(LOOPBACK, port))
+
+    def is_closed(self) -> bool:
+        return False
+
+    def set_closed(self) -> None:
+        pass
+
+    def num_nodes_waiting(self) -> int:
+        return 0
+
+    def get_run_id(self) -> str:
+        return self.run_id
+
+    def shutdown(self) -> bool:
+        if self._listener is not None:
+            self._listener.close()
+        return True
+
+
+def create_handler(params: RendezvousParameters) -> RendezvousHandler:
+    if params.max_nodes != 1:
+        raise ValueError(f"--rdzv-backend=loopback runs on one machine: got --nnodes={params.max_nodes}; "
+                         "use --rdzv-backend=c10d for several")
+    return LoopbackRendezvous(params.run_id, datetime.timedelta(seconds=params.get_as_int("timeout", 600)))
+
+
+def handler_factory():
+    """The `torchrun.handlers` entry point: torchrun calls it to get the handler's constructor."""
+    return create_handler
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """The launcher for `nproc` workers on this machine, as dvc.yaml's train stage runs it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=loopback", f"--rdzv-endpoint={LOOPBACK}:0"]

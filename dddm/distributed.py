@@ -37,6 +37,16 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """torchrun for `nproc` workers on this machine, as dvc.yaml's train stage runs it: the `loopback`
+    rendezvous (dddm/rendezvous.py) keeps every listener on 127.0.0.1."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=loopback", f"--rdzv-endpoint={LOOPBACK}:0"]
+
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
 
 import psutil
 from torch.distributed import PrefixStore, TCPStore
 from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
                                                   RendezvousStoreInfo)
 
-LOOPBACK = "127.0.0.1"
+from .distributed import LOOPBACK
 
 
 def loopback_interface() -> str:
@@ -90,8 +89,3 @@ def handler_factory():
     """The `torchrun.handlers` entry point: torchrun calls it to get the handler's constructor."""
     return create_handler
 
-
-def torchrun_command(nproc: int) -> list[str]:
-    """The launcher for `nproc` workers on this machine, as dvc.yaml's train stage runs it."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=loopback", f"--rdzv-endpoint={LOOPBACK}:0"]

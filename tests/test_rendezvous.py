@@ -6,7 +6,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, run_env
-from dddm.rendezvous import torchrun_command
+from dddm.distributed import torchrun_command
 
 # Rank 0 reports every listening TCP socket of the torchrun agent (its parent) and of all its workers,
 # once the process group is up and one collective has gone through.

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_env, tiny_params, write_params
-from dddm.rendezvous import torchrun_command
+from dddm.distributed import torchrun_command
 from dddm.tracking import flatten, image_grid
 
 pytestmark = pytest.mark.slow

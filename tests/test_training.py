@@ -20,7 +20,7 @@ from dddm import checkpoint
 from dddm.config import parse_config
 from dddm.data import prepare_dataset
 from dddm.methods import Progress
-from dddm.rendezvous import torchrun_command
+from dddm.distributed import torchrun_command
 from dddm.store import owned_indices
 from dddm.training import TrainingDiverged, epoch_batches, train
 from dddm.unet import build_network

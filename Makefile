@@ -18,7 +18,7 @@ repro: $(STAMP)
 	PATH=$(BIN):$$PATH dvc repro
 
 test: $(STAMP)
-	PATH=$(BIN):$$PATH pytest
+	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
-	PATH=$(BIN):$$PATH pytest -m "not slow"
+	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup -m "not slow"

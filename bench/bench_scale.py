@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pickle
-import resource
 import shutil
 import statistics
 import subprocess
@@ -53,24 +52,32 @@ def write_synthetic_imagenet64(directory: Path, images: int, seed: int) -> None:
 
 
 def prepare(source: Path, out: Path) -> dict:
-    """The project's imagenet64 preparation in a process of its own: seconds and its peak RSS."""
-    code = ("import resource, sys; from dddm.data import prepare_dataset; "
-            "prepare_dataset('imagenet64', sys.argv[1], 64, sys.argv[2], progress=False); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """The project's imagenet64 preparation in a process of its own: seconds, its peak RSS (VmHWM), and
+    the peak of its anonymous memory (sampled): RSS also counts the pages of its memory-mapped files,
+    which the kernel reclaims under pressure."""
+    code = ("import sys; from dddm.data import prepare_dataset; "
+            "prepare_dataset('imagenet64', sys.argv[1], 64, sys.argv[2], progress=False)")
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", code, str(source), str(out)], capture_output=True, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    if result.returncode:
-        raise RuntimeError(f"preparing {source} failed:\n{result.stderr[-3000:]}")
-    return {"seconds": time.perf_counter() - t0, "peak_rss_gb": int(result.stdout.split()[-1]) / 2**20,
+    proc = subprocess.Popen([sys.executable, "-c", code, str(source), str(out)], stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    peak = anon = 0.0
+    while proc.poll() is None:
+        status = proc_status(proc.pid)
+        peak, anon = max(peak, status.get("VmHWM", 0.0)), max(anon, status.get("RssAnon", 0.0))
+        time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(f"preparing {source} failed:\n{proc.stderr.read()[-3000:]}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gb": peak, "peak_anon_gb": anon,
             "size_gb": out.stat().st_size / 1e9}
 
 
-def peak_rss_gb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+def proc_status(pid: int) -> dict[str, float]:
+    """/proc/<pid>/status memory lines in GB (empty once the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) / 2**20 for k, v in (line.split(":", 1) for line in lines) if v.strip().endswith("kB")}
 
 
 def train_until(work: Path, prepared: Path, steps: int, threads: int) -> dict:
@@ -88,7 +95,7 @@ def train_until(work: Path, prepared: Path, steps: int, threads: int) -> dict:
             rows = history.read_text().count("\n") if history.exists() else 0
             if rows and first_step is None:
                 first_step = time.perf_counter() - t0
-            rss = max(rss, peak_rss_gb(proc.pid))
+            rss = max(rss, proc_status(proc.pid).get("VmHWM", 0.0))
             if rows >= steps:
                 break
             time.sleep(0.5)
@@ -110,6 +117,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per run, after the warm-up")
     ap.add_argument("--rounds", type=int, default=1, help="full-size runs; small runs go before and after each")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prepare-only", action="store_true", help="stop after preparing (its figures only)")
     ap.add_argument("--keep", action="store_true", help="keep the prepared files and runs in --dir")
     args = ap.parse_args()
 
@@ -125,8 +133,10 @@ def main() -> None:
         shutil.rmtree(source)
         print(f"{name}: {images} images, source written in {written:.0f} s; prepared {figures['size_gb']:.1f} GB in "
               f"{figures['seconds']:.0f} s ({images / figures['seconds']:.0f} img/s), "
-              f"peak RSS {figures['peak_rss_gb']:.2f} GB", flush=True)
+              f"peak RSS {figures['peak_rss_gb']:.2f} GB (anonymous {figures['peak_anon_gb']:.2f} GB)", flush=True)
 
+    if args.prepare_only:
+        return
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(source="imagenet64", path=str(args.dir), image_size=64)
     params["model"] = NETWORK
@@ -157,7 +167,6 @@ def main() -> None:
         for r in results[name]:
             print(f"{name:>6s} {images:9d} {r['backend']:>6s} {r['img_per_s']:7.1f} {r['img_per_s'] / small:8.2f} "
                   f"{100 * r['store']:8.2f} {r['peak_rss_gb']:7.2f} {r['first_step_s']:10.0f}")
-    print(f"(this process's children: peak RSS {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20:.2f} GB)")
     if not args.keep:
         for path in prepared.values():
             path.unlink()

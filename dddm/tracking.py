@@ -6,12 +6,14 @@ directory, so `mlflow ui` there shows the runs with no server set up.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import math
 import os
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +23,10 @@ import mlflow
 import numpy as np
 import torch
 from PIL import Image
-from mlflow.entities import Metric
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.sources import LocalArtifactDatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from torchvision.utils import make_grid
 
@@ -68,6 +73,36 @@ def _check_sqlite(uri: str) -> None:
                                   f"path, or unset MLFLOW_TRACKING_URI to log into {DEFAULT_URI}") from None
 
 
+# Where MLflow's SQLite schema keeps absolute artifact locations.
+LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "storage_location"))
+
+
+def rebase_local_store(uri: str) -> None:
+    """Point the default store's artifact locations at this checkout's mlruns/. MLflow records them as
+    absolute paths when an experiment is created, so in a copied or moved repository (or a DVC experiment
+    workspace made from a copy) runs and models would silently land in the original's mlruns/."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    if uri != DEFAULT_URI or not db.is_file():
+        return
+    here = (Path.cwd() / "mlruns").as_posix()
+    with sqlite3.connect(db, timeout=30) as con:
+        tables = {name for (name,) in con.execute("select name from sqlite_master where type = 'table'")}
+        default = con.execute("select artifact_location from experiments where experiment_id = 0").fetchone() \
+            if "experiments" in tables else None
+        if default is None or not default[0].endswith("/0"):
+            return
+        old = default[0].removeprefix("file://")[:-len("/0")]
+        if old == here:
+            return
+        for table, column in LOCATION_COLUMNS:
+            if table in tables:
+                for prefix in (old, "file://" + old):
+                    con.execute(f"update {table} set {column} = ? || substr({column}, ?) "  # noqa: S608 - fixed names
+                                f"where substr({column}, 1, ?) = ?", (here, len(prefix) + 1, len(prefix), prefix))
+    log.warning("%s was made in %s; its artifact locations now point into %s", db, old, here)
+
+
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
     """{"train": {"lr": 2e-4}} -> {"train.lr": "0.0002"}."""
     out: dict[str, str] = {}
@@ -88,13 +123,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_tags() -> dict[str, str]:
+    """The tags the MLflow UI shows as a run's Source, User and Git commit."""
+    script = Path(sys.argv[0] or "python").resolve()
+    source = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script.name
+    return {"mlflow.source.name": str(source), "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser(),
+            "mlflow.source.git.commit": git_commit()}
+
+
 class MlflowTracker:
     """Logs a training run: params, tags, batched per-step metrics, sample grids, the final model."""
 
     def __init__(self, experiment: str, params: dict, tags: dict[str, str], run_id: str | None = None,
-                 flush_every: int = 50, grid_every_epochs: int = 0, grid_sampler=None):
+                 flush_every: int = 50, grid_every_epochs: int = 0, grid_sampler=None, run_name: str | None = None):
         self.uri = tracking_uri()
         check_reachable(self.uri)
+        rebase_local_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         if run_id is not None:
@@ -107,7 +151,7 @@ class MlflowTracker:
                     f"mlflow_run.json in the run's checkpoint directory to continue in a new MLflow run") from None
         if run_id is None:
             exp = mlflow.set_experiment(experiment)
-            run = self.client.create_run(exp.experiment_id, tags=tags | {"mlflow.source.git.commit": git_commit()})
+            run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
             run_id = run.info.run_id
             self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])
                                                    for k, v in flatten(params).items()])
@@ -131,10 +175,18 @@ class MlflowTracker:
     def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
         if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
             for steps, images in self.grid_sampler(ema_module).items():
-                self.log_image_grid(images, f"grids/epoch{epoch + 1:04d}-{steps}step.png")
+                # keyed with the epoch as step: the run page's image panel gets a slider over epochs
+                self.client.log_image(self.run_id, image_grid(images), key=f"ema_{steps}step", step=epoch + 1)
 
     def log_image_grid(self, images: torch.Tensor, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image_grid(images), artifact_file)
+
+    def log_dataset(self, path: Path, name: str, fingerprint: str) -> None:
+        """The prepared dataset as the run's training input (its path and fingerprint)."""
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name,
+                              digest=fingerprint[:16])
+        entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+        self.client.log_inputs(self.run_id, datasets=[entity])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -185,6 +237,7 @@ class RunLogger:
             raise FileNotFoundError(f"{reference}: no MLflow run reference (run the train stage first)")
         data = json.loads(reference.read_text())
         check_reachable(data["tracking_uri"])
+        rebase_local_store(data["tracking_uri"])
         self.client = MlflowClient(data["tracking_uri"])
         self.run_id = data["run_id"]
 

@@ -16,18 +16,22 @@ from dddm.training import TrainingDiverged, run_directory, train, write_history
 from .common import start
 
 
-def make_tracker(cfg, method, run_dir: Path, info, device) -> MlflowTracker:
+def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> MlflowTracker:
     """Rank 0's MLflow run; a resumed training run keeps logging into the run it started."""
     run_file = run_dir / "mlflow_run.json"
     resuming = run_file.exists() and cfg.train.resume == "auto" and checkpoint.latest(run_dir) is not None
     shape = (info.channels, info.image_size, info.image_size)
     params = cfg.model_dump(mode="json", exclude={"method", "methods"}) | \
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
+    process = getattr(cfg.method_config(method.name), "process", None)
+    run_name = "-".join(filter(None, [method.name, process, info.source, run_dir.name.rsplit("-", 1)[-1][:8]]))
     tracker = MlflowTracker(cfg.tracking.experiment, params,
                             tags={"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint},
                             run_id=json.loads(run_file.read_text())["run_id"] if resuming else None,
                             grid_every_epochs=cfg.tracking.grid_every_epochs,
-                            grid_sampler=ema_grid_sampler(method, shape, device))
+                            grid_sampler=ema_grid_sampler(method, shape, device), run_name=run_name)
+    if not resuming:
+        tracker.log_dataset(prepared, info.source, info.fingerprint)
     write_run_reference(run_file, tracker.run_id)
     return tracker
 
@@ -44,7 +48,7 @@ def main() -> None:
         runlock.acquire(run_dir, world)  # before the MLflow run; held until this process exits
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tracker = make_tracker(cfg, method, run_dir, info, world.device)
+            tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device)
         result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker)
         if tracker:
             write_history(result.history_path, args.out / "loss.tsv", method.terms)

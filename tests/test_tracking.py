@@ -1,6 +1,7 @@
 """MLflow tracking against a real tracking server on loopback, through the real stage commands."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -81,13 +82,23 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["device"] == "cpu" and tags["store_backend"] == "DeviceStore"
     assert len(tags["mlflow.source.git.commit"]) > 0
+    assert tags["mlflow.source.name"] == "pipeline/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.user"]
+    method, process, source, digest = run.info.run_name.split("-")  # readable: method, process, data, config
+    assert (method, process, source) == ("udddm", "vp", "digits") and len(digest) == 8
+    [dataset] = run.inputs.dataset_inputs
+    prepared = json.loads((repo_copy / "data/prepared.json").read_text())
+    assert dataset.dataset.name == "digits" and prepared["fingerprint"].startswith(dataset.dataset.digest)
+    assert json.loads(dataset.dataset.source)["uri"] == str(repo_copy / "data/prepared.arrow")
     steps = len((repo_copy / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     for key in ("guide", "iterative", "weight", "lr", "img_per_s", "store_bytes"):
         assert client.get_metric_history(run.info.run_id, key), key
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "grids")}
-    assert {"grids/epoch0001-1step.png", "grids/epoch0002-2step.png"} <= artifacts
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    for key in ("ema_1step", "ema_2step"):  # each grid keyed, with the epoch as its step (the UI's slider)
+        assert {int(p.split("+")[2]) for p in grids if p.startswith(f"images/{key}+step+") and p.endswith(".png")} \
+            == {1, 2}
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/1-step.png", "samples/2-step.png"} <= samples
     models = client.search_logged_models([run.info.experiment_id])
@@ -124,6 +135,40 @@ def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(repo_copy, tmp_p
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"train: MLflow run {run_id}, which this training run logged into") and other in last
+
+
+LOG_A_RUN = """
+import json, sys, torch
+from dddm.tracking import MlflowTracker
+tracker = MlflowTracker("copies", {"a": 1}, tags={})
+tracker.log_image_grid(torch.zeros(4, 1, 8, 8), "grid.png")
+tracker.finish()
+print(json.dumps({"run": tracker.run_id, "artifacts": tracker.client.get_run(tracker.run_id).info.artifact_uri}))
+"""
+
+
+def test_a_copied_repository_logs_into_its_own_mlruns(tmp_path):
+    env = {k: v for k, v in run_env().items() if k != "MLFLOW_TRACKING_URI"}  # the default: ./mlflow.db
+
+    def log_a_run(cwd):
+        out = subprocess.run([sys.executable, "-c", LOG_A_RUN], cwd=cwd, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.splitlines()[-1]), out.stderr
+
+    original = tmp_path / "original"
+    original.mkdir()
+    first, _ = log_a_run(original)
+    assert first["artifacts"].startswith(str(original / "mlruns"))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    second, stderr = log_a_run(copy)
+    assert second["artifacts"].startswith(str(copy / "mlruns")) and "artifact locations now point into" in stderr
+    assert len(list((original / "mlruns").rglob("grid.png"))) == 1
+    assert len(list((copy / "mlruns").rglob("grid.png"))) == 2  # the copied run's and the new one's
+    # the copied run's own record follows the copy too
+    db = MlflowClient(f"sqlite:///{copy}/mlflow.db")
+    assert db.get_run(first["run"]).info.artifact_uri.startswith(str(copy / "mlruns"))
 
 
 def test_image_grid_enlarges_small_images():

@@ -1,5 +1,7 @@
 """Stage compare: every method's scores and sample grids side by side -> <out>/table.md (the README's
-first table), <out>/grids.png (the samples of each method and step count, labelled)."""
+first table), <out>/grids.png (the samples of each method and step count, labelled), and the data of
+dvc.yaml's plots: <out>/fid_by_nfe.tsv (FID per method against network evaluations) and
+<out>/precision_recall.tsv (each method and step count as a point in the precision-recall plane)."""
 
 import json
 
@@ -24,6 +26,22 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fid_by_nfe(rows: list[tuple[str, str, dict]], methods: list[str]) -> str:
+    """TSV: one line per network-evaluation count, one FID column per method (empty where it has no row)."""
+    fid = {(name, numbers["nfe"]): numbers.get("fid", numbers.get("fid_classifier")) for name, _, numbers in rows}
+    lines = ["\t".join(["nfe", *methods])]
+    for nfe in sorted({nfe for name, nfe in fid if name in methods}):
+        lines.append("\t".join([str(nfe), *(f"{fid[m, nfe]:.6g}" if (m, nfe) in fid else "" for m in methods)]))
+    return "\n".join(lines) + "\n"
+
+
+def precision_recall(rows: list[tuple[str, str, dict]]) -> str:
+    lines = ["point\tprecision\trecall"]
+    lines += [f"{name} {sampling}\t{numbers['precision']:.6g}\t{numbers['recall']:.6g}"
+              for name, sampling, numbers in rows if "precision" in numbers]
+    return "\n".join(lines) + "\n"
+
+
 def labelled_grids(items: list[tuple[str, Image.Image]]) -> Image.Image:
     """The grids in one row, each with its label above it."""
     pad, label_height = 8, 16
@@ -42,20 +60,23 @@ def labelled_grids(items: list[tuple[str, Image.Image]]) -> Image.Image:
 def main() -> None:
     cfg, args = start("compare", __doc__, scores="the score stages' directory (one sub-directory per method)",
                       samples="the sample stages' directory", real="the real-data row's metrics JSON",
-                      out="the directory for table.md and grids.png")
+                      out="the directory for table.md, grids.png and the plots' TSV files")
     real = json.loads(args.real.read_text())["real"]
-    rows = [("real digits (held out)", "-", real)]
+    rows, trained = [("real digits (held out)", "-", real)], []
     grids = []
     for name in cfg.methods:
         report = json.loads((args.scores / name / "report.json").read_text())
         for row in report["rows"]:
-            rows.append((name, f"{row['steps']}-step", row))
+            trained.append((name, f"{row['steps']}-step", row))
             grids.append((f"{name} {row['steps']}-step", Image.open(args.samples / name / f"{row['steps']}-step.png")))
+        rows += trained[-len(report["rows"]):]
         if "untrained" in report:
             rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     (args.out / "table.md").write_text(text)
+    (args.out / "fid_by_nfe.tsv").write_text(fid_by_nfe(trained, cfg.methods))
+    (args.out / "precision_recall.tsv").write_text(precision_recall(rows[:1] + trained))
     labelled_grids(grids).save(args.out / "grids.png")
     print(text)
 

@@ -1,6 +1,6 @@
 """Stage score: a method's samples (<samples>/<s>-step.npz) against the reference statistics ->
 <out>/metrics.json (the headline numbers per network-evaluation count, `dvc metrics show`),
-<out>/by_steps.tsv (`dvc plots show`), <out>/report.json (everything: class histograms, the
+<out>/report.json (everything: class histograms, the
 untrained network's score, uDDDM's t = T diagnostics), and the same numbers in the method's MLflow run."""
 
 import json
@@ -11,7 +11,7 @@ from dddm.checkpoint import CheckpointError, load_model
 from dddm.data import PreparedDataset
 from dddm.diagnostics import udddm_diagnostics
 from dddm.distributed import resolve_device
-from dddm.evaluation import HEADLINE, evaluate_samples, headline
+from dddm.evaluation import evaluate_samples, headline
 from dddm.methods import UDDDM
 from dddm.sampling import sample
 from dddm.scoring import InceptionWeightsMissing
@@ -19,14 +19,11 @@ from dddm.tracking import RunLogger
 
 from .common import start
 
-COLUMNS = ("steps", "nfe", *HEADLINE)
-
-
 def main() -> None:
     cfg, args = start("score", __doc__, per_method=True, samples="the method's samples directory",
                       model="its model.pt", run="its mlflow_run.json", prepared="the prepared Arrow file",
                       reference="the reference statistics directory", classifier="the scoring classifier",
-                      out="the directory for metrics.json, by_steps.tsv and report.json")
+                      out="the directory for metrics.json and report.json")
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)
@@ -62,11 +59,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    present = [c for c in COLUMNS if c in report["rows"][0]]
-    with open(args.out / "by_steps.tsv", "w") as f:
-        f.write("\t".join(present) + "\n")
-        for row in report["rows"]:
-            f.write("\t".join(str(row[c]) for c in present) + "\n")
     RunLogger(args.run).log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     network = report["rows"][0]["feature_network"]
     print(f"score: {method.name} ({network} features)")

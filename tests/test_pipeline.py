@@ -70,6 +70,23 @@ def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduc
     assert "nfe35" not in shown.stdout and "nfe7.fid_classifier" in shown.stdout, shown.stdout + shown.stderr
 
 
+def test_plots_compare_the_methods(reproduced):
+    repo, _ = reproduced
+    shown = dvc(repo, "plots", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    plots = json.loads(shown.stdout)["data"]
+    loss = {f"out/train/{name}/loss.tsv" for name in METHODS}
+    assert set(plots) == loss | {"fid_by_network_evaluations", "precision_recall", "out/compare/grids.png"}
+    assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
+    fid = plots["fid_by_network_evaluations"][0]["content"]
+    points = {(v["field"], v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != ""}
+    assert points == {("udddm", "1"), ("udddm", "2"), ("ict", "1"), ("ict", "2"), ("edm", "7")}
+    pr = plots["precision_recall"][0]["content"]
+    assert pr["encoding"]["x"]["field"] == "recall"  # precision against recall: both on 0..1, no FID beside them
+    assert {v["point"] for v in pr["data"]["values"]} == {"real digits (held out) -", "udddm 1-step", "udddm 2-step",
+                                                           "ict 1-step", "ict 2-step", "edm 4-step"}
+
+
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):
     repo, _ = reproduced
     again = dvc(repo, "repro")

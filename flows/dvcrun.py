@@ -4,6 +4,7 @@ the task's log, a timeout that kills the whole process group, and the failures w
 from __future__ import annotations
 
 import collections
+import difflib
 import json
 import os
 import re
@@ -23,6 +24,25 @@ BIN = Path(sys.executable).parent
 # network, a collective that broke. A bad parameter or a bug fails the same way again: no retry.
 TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is unreachable|Connection refused"
                        r"|Connection reset|Temporary failure in name resolution|NCCL (error|timeout)", re.I)
+
+
+# A stage's own error: `<stage>: <what is wrong>` (pipeline/*.py exit with it; a torchrun worker's is
+# followed by torchrun's ChildFailedError report, and every stage's by DVC's "ERROR: failed to reproduce").
+STAGE_ERROR = re.compile(r"^(check|prepare|reference|train|sample|score|compare): ")
+NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
+
+
+def stage_error(lines: list[str]) -> str | None:
+    """The last error block a stage printed (its first line and the lines that explain it), if any."""
+    starts = [i for i, line in enumerate(lines) if STAGE_ERROR.match(line)]
+    if not starts:
+        return None
+    block = [lines[starts[-1]]]
+    for line in lines[starts[-1] + 1:starts[-1] + 20]:
+        if NOT_THE_STAGE.match(line):
+            break
+        block.append(line)
+    return "\n".join(block)
 
 
 class StageFailed(RuntimeError):
@@ -58,6 +78,7 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
     lines of output when it fails or runs past `timeout_s` (then its process group is killed)."""
     what = what or "dvc " + " ".join(args)
     tail: collections.deque[str] = collections.deque(maxlen=30)
+    said: list[str] = []  # the stage's own lines (`<stage>: ...` and what follows), for its error
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env() | (extra_env or {}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # its own process group: a timeout kills torchrun's workers too
@@ -83,6 +104,8 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
             if line.strip():
                 logger.info(line.rstrip())
                 tail.append(line.rstrip())
+                if STAGE_ERROR.match(line) or said:
+                    said = said[-200:] + [line.rstrip()]
         rc = proc.wait()
     finally:
         if watchdog:
@@ -97,7 +120,11 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
         raise StageFailed(f"{what}: timed out after {timeout_s:.0f} s", transient=True)
     if rc:
         text = "\n".join(tail)
-        raise StageFailed(f"{what}: exit status {rc}\n{text}", transient=rc < 0 or bool(TRANSIENT.search(text)))
+        cause = stage_error(said)
+        if cause:  # the stage's own words, not the launcher's traceback, are the failure message
+            logger.error("%s failed: %s", what, cause)
+        raise StageFailed(f"{what} failed (exit status {rc}): {cause or text}",
+                          transient=rc < 0 or bool(TRANSIENT.search(text)))
 
 
 def stages(repo: Path) -> list[str]:
@@ -148,14 +175,34 @@ def set_params(overrides: dict[str, Any] | None) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
 
 
+def check_override_keys(params: dict, overrides: dict[str, Any] | None) -> None:
+    """Every override names a key params.yaml has; else an error naming it and the nearest keys (DVC's own
+    message would suggest `+key`, which adds a key the project then rejects)."""
+    for key in overrides or {}:
+        node, parts = params, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                parent = ".".join(parts[:depth]) or "params.yaml"
+                known = sorted(node) if isinstance(node, dict) else []
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"did you mean {'.'.join(parts[:depth] + close)}?" if close else \
+                    f"{parent} has {', '.join(known) or 'no keys below it'}"
+                raise ValueError(f"overrides: {key} is not a key of params.yaml; {hint}")
+            node = node[part]
+
+
 def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
-    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept; a key
-    that params.yaml does not have is an error, as with `dvc exp run -S`)."""
+    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept), then
+    validate the result as every stage will: a bad key or value fails here, naming it, before any stage."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
+    from dddm.config import load_config
+
+    check_override_keys(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
     sets = set_params(overrides)
     if sets:
         dvc_apply_overrides(repo / "params.yaml", sets)
+    load_config(repo / "params.yaml")
     return sets
 
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from dddm.evaluation import HEADLINE
 from flows import dvcrun
-from flows.registry import lower_is_better, model_name, register_if_better, resolve_uri, run_link, split_metric
+from flows.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
+                            split_metric)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
@@ -79,7 +80,9 @@ def apply_params(repo: str, overrides: dict[str, Any] | None) -> list[str]:
     try:
         sets = dvcrun.apply_overrides(Path(repo), overrides)
     except Exception as e:
-        raise ValueError(f"overrides {overrides}: {e}: {e.__cause__ or ''}") from e
+        message = f"overrides {overrides}: {e}" + (f": {e.__cause__}" if e.__cause__ else "")
+        logger.error(message)
+        raise ValueError(message) from None  # the key-naming message is the flow run's failure message
     logger.info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
     return sets
 
@@ -132,6 +135,12 @@ def scores_table(metrics: dict[str, dict[str, dict]]) -> str:
     return "\n".join([f"| samples | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|", *rows])
 
 
+def scores_rows(metrics: dict[str, dict[str, dict]]) -> list[dict]:
+    """The same scores as table rows (a Prefect table artifact): method, row, then the headline numbers."""
+    return [{"method": method, "row": row, **{k: m[k] for k in HEADLINE if k in m}}
+            for method, rows in metrics.items() for row, m in rows.items()]
+
+
 def read_scores(root: Path, methods: list[str]) -> tuple[dict, dict]:
     """({method: its metrics.json}, {method: its MLflow run reference}), at the paths dvc.yaml declares."""
     paths = {m: dvcrun.method_outputs(root, m) for m in methods}
@@ -182,6 +191,11 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
         lines += ["", f"Registry: `{registered['name']}` version {registered['version']}, {metric} = "
                       f"{registered['score']:.4g} ({registered['better']} is better); alias `{alias}` {outcome}."]
     create_markdown_artifact("\n".join(lines), key="udddm-scores", description="scores of one uDDDM experiment")
+    create_table_artifact(scores_rows(metrics), key="udddm-scores-table", description="every method's scores")
+    url = run_url(tracking_uri, run_id)
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run of {method}", key="udddm-mlflow-run",
+                             description="the training run, its samples and scores in the MLflow UI")
     return {"experiment": saved, "overrides": overrides or {}, "dataset": params["data"]["source"], "metrics": metrics,
             "run_id": run_id, "tracking_uri": tracking_uri, "registry": registered,
             "runs": {m: {"run_id": r["run_id"], "tracking_uri": resolve_uri(r["tracking_uri"], root)}

@@ -8,6 +8,7 @@ then the name the score stage logs into that method's run (`<row>/<name>`, the r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -52,13 +53,29 @@ def resolve_uri(uri: str, repo: Path) -> str:
     return uri
 
 
-def run_link(tracking_uri: str, run_id: str) -> str:
-    """A markdown link to the run in the MLflow UI (an HTTP server), or how to open it."""
-    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    fragment = f"#/experiments/{experiment}/runs/{run_id}"
+def ui_base(tracking_uri: str) -> str | None:
+    """The MLflow UI's address: the tracking server itself, or MLFLOW_UI_URL for a `mlflow ui` someone runs
+    beside a local store (unset: no address is known)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"[{run_id}]({tracking_uri.rstrip('/')}/{fragment})"
-    return f"`{run_id}` in `{tracking_uri}` (`mlflow ui --backend-store-uri {tracking_uri}`, then `/{fragment}`)"
+        return tracking_uri.rstrip("/")
+    return os.environ.get("MLFLOW_UI_URL", "").rstrip("/") or None
+
+
+def run_url(tracking_uri: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the UI's address is known."""
+    base = ui_base(tracking_uri)
+    if base is None:
+        return None
+    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def run_link(tracking_uri: str, run_id: str) -> str:
+    """A markdown link to the run in the MLflow UI, or how to open it."""
+    url = run_url(tracking_uri, run_id)
+    if url:
+        return f"[{run_id}]({url})"
+    return f"`{run_id}` in `{tracking_uri}` (`mlflow ui --backend-store-uri {tracking_uri}`, or set MLFLOW_UI_URL)"
 
 
 def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, alias: str = "champion",

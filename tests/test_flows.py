@@ -229,7 +229,13 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert float(champion.tags["score"]) == pytest.approx(metrics["nfe1"]["fid_classifier"])
     table = artifact(api, "udddm-scores", run.id)
     assert "fid_classifier" in table and "| udddm nfe2 |" in table and "| edm nfe7 |" in table
-    assert f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}" in table
+    run_page = f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}"
+    assert run_page in table
+    assert artifact(api, "udddm-mlflow-run", run.id) == f"[MLflow run of udddm]({run_page})"  # a link artifact
+    rows = json.loads(artifact(api, "udddm-scores-table", run.id))  # a table artifact: one row per method and row
+    by_row = {(r["method"], r["row"]): r for r in rows}
+    assert by_row["udddm", "nfe1"]["fid_classifier"] == pytest.approx(metrics["nfe1"]["fid_classifier"])
+    assert ("edm", "nfe7") in by_row and ("ict", "untrained") in by_row
 
     # a bad parameter: the check stage fails, the flow run fails with the key in its logs, and the
     # earlier results stay as they were
@@ -239,7 +245,9 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     bad = trigger(client, "udddm-experiment/default", {"overrides": {"method.udddm.process": "subvp"}}, serve_log)
     logs = logs_of(client, bad.id, until="method.udddm.process")
     assert bad.state.is_failed(), bad.state
-    assert "Running stage 'check'" in logs and "method.udddm.process" in logs and "subvp" in logs, logs[-4000:]
+    # validated before any stage runs; the key-naming message is the flow run's state message
+    assert "method.udddm.process" in bad.state.message and "subvp" in bad.state.message, bad.state.message
+    assert "Running stage" not in logs and "method.udddm.process" in logs, logs[-4000:]
     assert "Retry 1/" not in logs  # a bad parameter is not retried (Prefect logs "Retry 1/2 will start ...")
     assert {p: digest(repo / p) for p in before} == before
     assert mlflow.get_model_version_by_alias("udddm-digits", "champion").version == champion.version
@@ -328,6 +336,19 @@ def test_registry_moves_the_alias_only_on_a_better_score(tmp_path):
     moved = register_if_better(uri, first, name, metric, score=2.5)
     assert moved["moved"] and moved["previous_score"] == 3.0 and moved["version"] == "1"
     assert client.get_model_version(name, "1").tags["score"] == "2.5"
+
+
+def test_an_override_of_a_key_params_yaml_lacks_is_named_with_the_nearest_key():
+    from flows.dvcrun import check_override_keys
+
+    params = {"train": {"epochs": 3, "lr": 0.1}, "method": {"udddm": {"process": "ve"}}}
+    check_override_keys(params, {"train.epochs": 2, "method.udddm.process": "vp"})
+    with pytest.raises(ValueError, match=r"train.epoch is not a key of params.yaml; did you mean train.epochs\?"):
+        check_override_keys(params, {"train.epoch": 2})  # DVC itself would advise `+train.epoch`
+    with pytest.raises(ValueError, match=r"trian.epochs is not a key of params.yaml; did you mean train\?"):
+        check_override_keys(params, {"trian.epochs": 2})
+    with pytest.raises(ValueError, match=r"train.epochs.x is not a key of params.yaml; train.epochs has no keys"):
+        check_override_keys(params, {"train.epochs.x": 2})
 
 
 def test_study_points_become_one_comparison_table():

@@ -146,6 +146,43 @@ def test_invalid_params_stop_before_any_output_is_removed(reproduced):
     write_params(repo, tiny_params())
 
 
+class Recorder:
+    """A logger for flows.dvcrun.run that keeps what it is given, by level."""
+
+    def __init__(self):
+        self.records = []
+
+    def info(self, msg, *args):
+        self.records.append(("INFO", msg % args if args else msg))
+
+    def error(self, msg, *args):
+        self.records.append(("ERROR", msg % args if args else msg))
+
+
+def test_a_failing_stage_s_own_message_is_the_task_s_failure_message(reproduced):
+    """What a Prefect stage task fails with (its state message) and logs as ERROR: the stage's own line,
+    not DVC's "failed to reproduce" or torchrun's ChildFailedError traceback."""
+    from flows.dvcrun import StageFailed, run
+
+    repo, _ = reproduced
+    cases = [(tiny_params(train={"epochs": 0}), "check", "train.epochs"),
+             (tiny_params(train={"epochs": 2, "lr": 1e30}), "train@udddm", "non-finite loss")]  # under torchrun
+    try:
+        for params, stage, key in cases:
+            write_params(repo, params)
+            logger = Recorder()
+            with pytest.raises(StageFailed) as failed:
+                run(["repro", stage], repo, logger, what=f"stage {stage}")
+            message = str(failed.value)
+            first = message.split(": ", 1)[1]
+            assert first.startswith(f"{stage.split('@')[0]}: ") and key in message.splitlines()[0] + message, message
+            assert "ChildFailedError" not in message and "failed to reproduce" not in message, message
+            errors = [text for level, text in logger.records if level == "ERROR"]
+            assert len(errors) == 1 and key in errors[0], logger.records[-5:]
+    finally:
+        write_params(repo, tiny_params())
+
+
 def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):
     repo, _ = reproduced
     write_params(repo, tiny_params())

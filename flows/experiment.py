@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 
 from dddm.evaluation import HEADLINE
 from flows import dvcrun
-from flows.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
+from dddm.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
                             split_metric)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
 from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model, scores_table
-from flows.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
+from dddm.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
 # The method study (docs/method-study.md): uDDDM as published and the readings that test it, with iCT and

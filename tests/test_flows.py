@@ -293,7 +293,7 @@ def test_registry_moves_the_alias_only_on_a_better_score(tmp_path):
     import mlflow
     import torch
 
-    from flows.registry import is_better, lower_is_better, register_if_better
+    from dddm.registry import is_better, lower_is_better, register_if_better
 
     assert lower_is_better("udddm/nfe1/fid_classifier") and lower_is_better("edm/nfe35/kid")
     assert not lower_is_better("ict/nfe1/precision") and not lower_is_better("udddm/nfe1/is")

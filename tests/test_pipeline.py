@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import copy_repo, run_env, tiny_params, write_params
 
@@ -66,6 +67,17 @@ def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduc
     table = (repo / "out/compare/table.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS) and "real digits" in table
     assert (repo / "out/compare/grids.png").stat().st_size > 0
+    registered = json.loads((repo / "out/registry.json").read_text())["registered"]  # tracking.register: true
+    client = MlflowClient(f"sqlite:///{repo}/mlflow.db", registry_uri=f"sqlite:///{repo}/mlflow.db")
+    for name in METHODS:
+        scores = json.loads((repo / f"out/score/{name}/metrics.json").read_text())
+        row = "nfe7" if name == "edm" else "nfe1"
+        entry = registered[name]
+        assert entry["metric"] == f"{row}/fid_classifier" and entry["score"] == scores[row]["fid_classifier"]
+        assert entry["moved"] and entry["version"] == "1"  # the first: it becomes the champion
+        champion = client.get_model_version_by_alias(f"{name}-digits", "champion")
+        run = json.loads((repo / f"out/train/{name}/mlflow_run.json").read_text())["run_id"]
+        assert champion.run_id == run and float(champion.tags["score"]) == entry["score"]
     shown = dvc(repo, "metrics", "show")
     assert "nfe35" not in shown.stdout and "nfe7.fid_classifier" in shown.stdout, shown.stdout + shown.stderr
 
@@ -96,7 +108,7 @@ def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(rep
     third = dvc(repo, "repro")
     assert third.returncode == 0, third.stderr
     assert ran(third) == ["Running stage 'check':", "Running stage 'sample@ict':", "Running stage 'score@ict':",
-                          "Running stage 'compare':"], third.stdout
+                          "Running stage 'compare':", "Running stage 'register':"], third.stdout
     assert not (repo / "out/samples/ict/2-step.npz").exists()
 
 

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-fast env
+.PHONY: repro test test-fast env screenshots
 
 env: $(STAMP)
 
@@ -22,3 +22,8 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup -m "not slow"
+
+# docs/img/*.png: the MLflow and Prefect pages of a small experiment, photographed by headless Chromium
+screenshots: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	PATH=$(BIN):$$PATH python docs/screenshots.py --out docs/img

@@ -7,9 +7,9 @@ directory, so `mlflow ui` there shows the runs with no server set up.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import logging
-import math
 import os
 import sqlite3
 import subprocess
@@ -20,18 +20,15 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import torch
-from PIL import Image
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
-from torchvision.utils import make_grid
 
 from .files import atomic_open
-from .pixels import to_uint8
+from .pixels import image_grid
 from .sampling import sample
 
 log = logging.getLogger(__name__)
@@ -205,15 +202,6 @@ class MlflowTracker:
         self.client.set_terminated(self.run_id, status)
 
 
-def image_grid(images: torch.Tensor, max_images: int = 64, min_tile: int = 32) -> np.ndarray:
-    """Up to 64 images in [-1, 1] as an 8-wide uint8 HWC grid; small images are enlarged
-    (nearest neighbour) so a 16x16 digit is still readable."""
-    images = to_uint8(images[:max_images].cpu())
-    scale = max(1, math.ceil(min_tile / images.shape[-1]))
-    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)  # nearest neighbour
-    return make_grid(images, nrow=8, padding=2, pad_value=255).permute(1, 2, 0).numpy()
-
-
 def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
     """A grid sampler for MlflowTracker: `num` EMA samples per step count of the method's sampler,
     with fixed noise, so grids are comparable across epochs."""
@@ -229,25 +217,38 @@ def write_run_reference(path: Path, run_id: str) -> None:
         f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}, indent=2))
 
 
-class RunLogger:
-    """Logs into the training run named by a reference file (written by the train stage)."""
+class EvaluationRun:
+    """One scoring of a trained model: a child of its training run (nested under it in the UI) holding the
+    sampling and scoring params it used, the sample grids and the scores, logged against the run's logged
+    model. Each sampler/scoring configuration gets its own child, so a resample never rewrites the
+    training run's numbers under params that say otherwise."""
 
-    def __init__(self, reference: Path):
+    def __init__(self, reference: Path, params: dict, model: str = "ema_model"):
         if not reference.is_file():
             raise FileNotFoundError(f"{reference}: no MLflow run reference (run the train stage first)")
         data = json.loads(reference.read_text())
         check_reachable(data["tracking_uri"])
         rebase_local_store(data["tracking_uri"])
         self.client = MlflowClient(data["tracking_uri"])
-        self.run_id = data["run_id"]
+        training = self.client.get_run(data["run_id"])
+        models = [m for m in self.client.search_logged_models(
+            [training.info.experiment_id], filter_string=f"source_run_id = '{training.info.run_id}'") if m.name == model]
+        self.model_id = models[0].model_id if models else None
+        flat = flatten(params)
+        digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+        self.run_id = self.client.create_run(
+            training.info.experiment_id, run_name=f"{training.info.run_name}-eval-{digest}",
+            tags=source_tags() | {"mlflow.parentRunId": training.info.run_id, "evaluation": digest,
+                                  "method": training.data.tags.get("method", "")}).info.run_id
+        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()])
 
-    def save_grid(self, images: torch.Tensor, png_path: Path, artifact_file: str) -> None:
-        """Write the grid as a PNG file and log the same image to the run."""
-        grid = image_grid(images)
-        with atomic_open(png_path) as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        self.client.log_image(self.run_id, grid, artifact_file)
+    def log_image_file(self, png_path: Path, artifact_path: str) -> None:
+        self.client.log_artifact(self.run_id, str(png_path), artifact_path)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0, model_id=self.model_id)
+                                                    for k, v in metrics.items()])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,7 +1,8 @@
 """Stage score: a method's samples (<samples>/<s>-step.npz) against the reference statistics ->
 <out>/metrics.json (the headline numbers per network-evaluation count, `dvc metrics show`),
 <out>/report.json (everything: class histograms, the
-untrained network's score, uDDDM's t = T diagnostics), and the same numbers in the method's MLflow run."""
+untrained network's score, uDDDM's t = T diagnostics), and the same numbers with the sample grids in an MLflow
+run of this evaluation, a child of the method's training run."""
 
 import json
 
@@ -15,7 +16,7 @@ from dddm.evaluation import evaluate_samples, headline
 from dddm.methods import UDDDM
 from dddm.sampling import sample
 from dddm.scoring import InceptionWeightsMissing
-from dddm.tracking import RunLogger
+from dddm.tracking import EvaluationRun
 
 from .common import start
 
@@ -59,7 +60,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    RunLogger(args.run).log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+    evaluated = {"sampler": {method.name: getattr(cfg.sampler, method.name)}, "sample": cfg.sample, "score": cfg.score}
+    evaluation = EvaluationRun(args.run, json.loads(json.dumps(evaluated, default=lambda s: s.model_dump(mode="json"))))
+    for steps in paths:
+        evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
+    evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+    evaluation.finish()
     network = report["rows"][0]["feature_network"]
     print(f"score: {method.name} ({network} features)")
     for name, m in metrics.items():

@@ -256,7 +256,7 @@ def test_the_sample_stage_names_a_truncated_model_file_without_a_traceback(runs,
     damage_truncate(model)
     write_params(tmp_path, tiny_params())
     result = subprocess.run([sys.executable, "-m", "pipeline.sample", "--method", "udddm", "--model", str(model),
-                             "--run", "out/train/udddm/mlflow_run.json", "--out", "out/samples/udddm"],
+                             "--out", "out/samples/udddm"],
                             cwd=tmp_path, capture_output=True, text=True,
                             env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=300)
     assert result.returncode == 1

@@ -163,6 +163,13 @@ def dvc(repo: Path, *args: str) -> str:
     return result.stdout
 
 
+def latest_evaluation(client, training_run):
+    """The newest evaluation (score stage) run nested under a training run."""
+    return client.search_runs([training_run.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{training_run.info.run_id}'",
+                              order_by=["attributes.start_time DESC"])[0]
+
+
 @pytest.fixture
 def served(repo_copy, prefect_server, mlflow_server):
     """The deployments served from a committed repository copy with tiny params; yields (repo, client, log)."""
@@ -218,9 +225,10 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     reference = json.loads((repo / "out/train/udddm/mlflow_run.json").read_text())
     assert reference["tracking_uri"] == mlflow_server
     mlrun = mlflow.get_run(reference["run_id"])
+    evaluation = latest_evaluation(mlflow, mlrun)  # the scores: a child run of the training run
     for row in ("nfe1", "nfe2"):
         for key in ("fid_classifier", "precision", "recall", "classes"):
-            assert mlrun.data.metrics[f"{row}/{key}"] == pytest.approx(metrics[row][key])
+            assert evaluation.data.metrics[f"{row}/{key}"] == pytest.approx(metrics[row][key])
     models = mlflow.search_logged_models([mlrun.info.experiment_id])
     assert any(m.source_run_id == mlrun.info.run_id and m.name == "ema_model" for m in models)
     champion = mlflow.get_model_version_by_alias("udddm-digits", "champion")
@@ -260,7 +268,7 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert len(dvc(repo, "exp", "list", "--name-only").split()) == 3
     l2_run = next(r for r in mlflow.search_runs([mlrun.info.experiment_id])
                   if r.data.params.get("method.udddm.metric") == "l2")
-    score = {r.info.run_id: r.data.metrics["nfe1/fid_classifier"] for r in (mlrun, l2_run)}
+    score = {r.info.run_id: latest_evaluation(mlflow, r).data.metrics["nfe1/fid_classifier"] for r in (mlrun, l2_run)}
     expected = min(score, key=score.get)  # lower is better; a tie keeps the champion
     if score[l2_run.info.run_id] == score[mlrun.info.run_id]:
         expected = mlrun.info.run_id

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import run_env, tiny_params, write_params
 from dddm.distributed import torchrun_command
-from dddm.tracking import flatten, image_grid
+from dddm.pixels import image_grid
+from dddm.tracking import flatten
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +66,8 @@ def stage(repo, name, uri, nproc=None):
 def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
     params = tiny_params(train={"epochs": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
     write_params(repo_copy, params)
-    for name, nproc in (("prepare", None), ("train@udddm", 2), ("sample@udddm", None)):
+    for name, nproc in (("prepare", None), ("reference", None), ("train@udddm", 2), ("sample@udddm", None),
+                        ("score@udddm", None)):
         result = stage(repo_copy, name, mlflow_server, nproc)
         assert result.returncode == 0, result.stderr[-3000:]
 
@@ -99,10 +101,18 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     for key in ("ema_1step", "ema_2step"):  # each grid keyed, with the epoch as its step (the UI's slider)
         assert {int(p.split("+")[2]) for p in grids if p.startswith(f"images/{key}+step+") and p.endswith(".png")} \
             == {1, 2}
-    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/1-step.png", "samples/2-step.png"} <= samples
     models = client.search_logged_models([run.info.experiment_id])
-    assert any(m.source_run_id == run.info.run_id and m.name == "ema_model" for m in models)
+    [model] = [m for m in models if m.source_run_id == run.info.run_id and m.name == "ema_model"]
+    assert "nfe1/fid_classifier" not in run.data.metrics  # scores go to the evaluation's own run:
+    [evaluation] = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert evaluation.info.run_name.startswith(run.info.run_name + "-eval-")
+    assert evaluation.data.params["sampler.udddm.steps"] == "[1, 2]" and "train.lr" not in evaluation.data.params
+    samples = {a.path for a in client.list_artifacts(evaluation.info.run_id, "samples")}
+    assert samples == {"samples/1-step.png", "samples/2-step.png"}
+    scores = json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())
+    assert evaluation.data.metrics["nfe1/fid_classifier"] == pytest.approx(scores["nfe1"]["fid_classifier"])
+    linked = {m.key: (m.value, m.run_id) for m in client.get_logged_model(model.model_id).metrics}  # on the model's page
+    assert linked["nfe1/fid_classifier"] == (pytest.approx(scores["nfe1"]["fid_classifier"]), evaluation.info.run_id)
 
 
 def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):

@@ -89,7 +89,7 @@ class ScoreConfig(Section):
 class TrackingConfig(Section):
     experiment: str = Field(min_length=1)  # MLflow experiment name
     grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
-    register: bool  # the register stage: each method's model into the MLflow Model Registry
+    register_models: bool  # the register stage: each method's model into the MLflow Model Registry
 
 
 class Config(Section):

@@ -53,5 +53,10 @@ def evaluate_samples(images: np.ndarray, reference_dir: Path, classifier_path: P
     return result | {"class_histogram": histogram, "classes": classes_covered(histogram)}
 
 
+def fid_name(result: dict) -> str:
+    """Which FID a result holds: `fid` (Inception features) or `fid_classifier` (the fallback's)."""
+    return "fid" if "fid" in result else "fid_classifier"
+
+
 def headline(result: dict) -> dict:
     return {k: result[k] for k in HEADLINE if k in result}

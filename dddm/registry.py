@@ -14,6 +14,8 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .tracking import logged_model_id
+
 LOWER_IS_BETTER = {"fid", "kid", "fid_classifier"}
 HIGHER_IS_BETTER = {"is", "is_classifier", "precision", "recall"}
 
@@ -92,9 +94,8 @@ def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, a
             raise ValueError(f"MLflow run {run_id} has no metric {metric!r} (it has {sorted(run.data.metrics)}); "
                              "did the score stage run, and is that step count in sample.steps?")
         score = run.data.metrics[metric]
-    models = [m for m in client.search_logged_models([run.info.experiment_id],
-                                                     filter_string=f"source_run_id = '{run_id}'") if m.name == artifact]
-    if not models:
+    model_id = logged_model_id(client, run, artifact)
+    if model_id is None:
         raise ValueError(f"MLflow run {run_id} has no logged model {artifact!r}")
     try:
         client.create_registered_model(name, description="uDDDM EMA networks; alias "
@@ -105,7 +106,7 @@ def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, a
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     direction = "lower" if lower_is_better(metric) else "higher"
     version = existing[0] if existing else client.create_model_version(
-        name, source=f"models:/{models[0].model_id}", run_id=run_id, model_id=models[0].model_id,
+        name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id,
         tags={"metric": metric, "score": str(score), "better": direction})
 
     try:

@@ -37,6 +37,7 @@ class LoopbackRendezvous(RendezvousHandler):
         self.timeout = timeout
         self._store: TCPStore | None = None
         self._listener: socket.socket | None = None
+        self._port = 0
 
     def get_backend(self) -> str:
         return "loopback"
@@ -50,15 +51,14 @@ class LoopbackRendezvous(RendezvousHandler):
             self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self._listener.bind((LOOPBACK, 0))
             self._listener.listen(128)
-            port = self._listener.getsockname()[1]
-            self._store = TCPStore(LOOPBACK, port, 1, True, self.timeout, multi_tenant=True,
+            self._port = self._listener.getsockname()[1]
+            self._store = TCPStore(LOOPBACK, self._port, 1, True, self.timeout, multi_tenant=True,
                                    master_listen_fd=self._listener.fileno())
             # The workers inherit the agent's environment: their collective sockets go on loopback too.
             interface = loopback_interface()
             os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-        port = self._listener.getsockname()[1]
-        return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1, RendezvousStoreInfo(LOOPBACK, port))
+        return RendezvousInfo(PrefixStore(self.run_id, self._store), 0, 1, RendezvousStoreInfo(LOOPBACK, self._port))
 
     def is_closed(self) -> bool:
         return False

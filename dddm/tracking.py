@@ -128,6 +128,17 @@ def source_tags() -> dict[str, str]:
             "mlflow.source.git.commit": git_commit()}
 
 
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """Nested params, flattened to dotted keys (values cut at MLflow's 6000 characters)."""
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flatten(params).items()])
+
+
+def logged_model_id(client: MlflowClient, run: mlflow.entities.Run, name: str = "ema_model") -> str | None:
+    """The id of the model `name` that `run` logged, if it logged one."""
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    return next((m.model_id for m in models if m.name == name), None)
+
+
 class MlflowTracker:
     """Logs a training run: params, tags, batched per-step metrics, sample grids, the final model."""
 
@@ -150,8 +161,7 @@ class MlflowTracker:
             exp = mlflow.set_experiment(experiment)
             run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
             run_id = run.info.run_id
-            self.client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000])
-                                                   for k, v in flatten(params).items()])
+            log_params(self.client, run_id, params)
         self.run_id = run_id
         self.flush_every = flush_every
         self.grid_every_epochs = grid_every_epochs
@@ -174,9 +184,6 @@ class MlflowTracker:
             for steps, images in self.grid_sampler(ema_module).items():
                 # keyed with the epoch as step: the run page's image panel gets a slider over epochs
                 self.client.log_image(self.run_id, image_grid(images), key=f"ema_{steps}step", step=epoch + 1)
-
-    def log_image_grid(self, images: torch.Tensor, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image_grid(images), artifact_file)
 
     def log_dataset(self, path: Path, name: str, fingerprint: str) -> None:
         """The prepared dataset as the run's training input (its path and fingerprint)."""
@@ -231,16 +238,13 @@ class EvaluationRun:
         rebase_local_store(data["tracking_uri"])
         self.client = MlflowClient(data["tracking_uri"])
         training = self.client.get_run(data["run_id"])
-        models = [m for m in self.client.search_logged_models(
-            [training.info.experiment_id], filter_string=f"source_run_id = '{training.info.run_id}'") if m.name == model]
-        self.model_id = models[0].model_id if models else None
-        flat = flatten(params)
-        digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:8]
+        self.model_id = logged_model_id(self.client, training, model)
+        digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode()).hexdigest()[:8]
         self.run_id = self.client.create_run(
             training.info.experiment_id, run_name=f"{training.info.run_name}-eval-{digest}",
             tags=source_tags() | {"mlflow.parentRunId": training.info.run_id, "evaluation": digest,
                                   "method": training.data.tags.get("method", "")}).info.run_id
-        self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()])
+        log_params(self.client, self.run_id, params)
 
     def log_image_file(self, png_path: Path, artifact_path: str) -> None:
         self.client.log_artifact(self.run_id, str(png_path), artifact_path)

@@ -32,8 +32,9 @@ STAGE_ERROR = re.compile(r"^(check|prepare|reference|train|sample|score|compare|
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
 
-def stage_error(lines: list[str]) -> str | None:
+def stage_error(lines) -> str | None:
     """The last error block a stage printed (its first line and the lines that explain it), if any."""
+    lines = list(lines)
     starts = [i for i, line in enumerate(lines) if STAGE_ERROR.match(line)]
     if not starts:
         return None
@@ -78,7 +79,7 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
     lines of output when it fails or runs past `timeout_s` (then its process group is killed)."""
     what = what or "dvc " + " ".join(args)
     tail: collections.deque[str] = collections.deque(maxlen=30)
-    said: list[str] = []  # the stage's own lines (`<stage>: ...` and what follows), for its error
+    said: collections.deque[str] = collections.deque(maxlen=200)  # from a stage's first `<stage>: ` line on
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=env() | (extra_env or {}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # its own process group: a timeout kills torchrun's workers too
@@ -104,8 +105,8 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
             if line.strip():
                 logger.info(line.rstrip())
                 tail.append(line.rstrip())
-                if STAGE_ERROR.match(line) or said:
-                    said = said[-200:] + [line.rstrip()]
+                if said or STAGE_ERROR.match(line):
+                    said.append(line.rstrip())
         rc = proc.wait()
     finally:
         if watchdog:

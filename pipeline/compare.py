@@ -7,7 +7,7 @@ import json
 
 from PIL import Image, ImageDraw
 
-from dddm.evaluation import HEADLINE
+from dddm.evaluation import HEADLINE, fid_name
 
 from .common import start
 
@@ -28,7 +28,7 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 def fid_by_nfe(rows: list[tuple[str, str, dict]], methods: list[str]) -> str:
     """TSV: one line per network-evaluation count, one FID column per method (empty where it has no row)."""
-    fid = {(name, numbers["nfe"]): numbers.get("fid", numbers.get("fid_classifier")) for name, _, numbers in rows}
+    fid = {(name, numbers["nfe"]): numbers[fid_name(numbers)] for name, _, numbers in rows}
     lines = ["\t".join(["nfe", *methods])]
     for nfe in sorted({nfe for name, nfe in fid if name in methods}):
         lines.append("\t".join([str(nfe), *(f"{fid[m, nfe]:.6g}" if (m, nfe) in fid else "" for m in methods)]))
@@ -66,10 +66,11 @@ def main() -> None:
     grids = []
     for name in cfg.methods:
         report = json.loads((args.scores / name / "report.json").read_text())
-        for row in report["rows"]:
-            trained.append((name, f"{row['steps']}-step", row))
-            grids.append((f"{name} {row['steps']}-step", Image.open(args.samples / name / f"{row['steps']}-step.png")))
-        rows += trained[-len(report["rows"]):]
+        method_rows = [(name, f"{row['steps']}-step", row) for row in report["rows"]]
+        grids += [(f"{name} {sampling}", Image.open(args.samples / name / f"{sampling}.png"))
+                  for _, sampling, _ in method_rows]
+        trained += method_rows
+        rows += method_rows
         if "untrained" in report:
             rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
     args.out.mkdir(parents=True, exist_ok=True)

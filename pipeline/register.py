@@ -5,6 +5,7 @@ holder's, whoever registered that (this stage, or a Prefect flow) -> <out> (what
 import json
 from pathlib import Path
 
+from dddm.evaluation import fid_name
 from dddm.registry import model_name, register_if_better, resolve_uri
 
 from .common import start
@@ -14,7 +15,7 @@ def fid_key(metrics: dict) -> str:
     """`nfe<k>/<fid name>` of the fewest network evaluations (`fid` with Inception, else the fallback's)."""
     rows = sorted((int(row[3:]), row) for row in metrics if row.startswith("nfe"))
     row = rows[0][1]
-    return f"{row}/{'fid' if 'fid' in metrics[row] else 'fid_classifier'}"
+    return f"{row}/{fid_name(metrics[row])}"
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
                       runs="the train stages' directory (each method's mlflow_run.json)",
                       out="the JSON file of what was registered")
     registered = {}
-    if cfg.tracking.register:
+    if cfg.tracking.register_models:
         for method in cfg.methods:
             metrics = json.loads((args.scores / method / "metrics.json").read_text())
             reference = json.loads((args.runs / method / "mlflow_run.json").read_text())
@@ -37,7 +38,7 @@ def main() -> None:
                   f"{result['alias']} " + ("moved to it" if result["moved"] else
                                            f"stays on version {result['previous_version']}"))
     else:
-        print("register: tracking.register is false; nothing registered")
+        print("register: tracking.register_models is false; nothing registered")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"registered": registered}, indent=2) + "\n")
 

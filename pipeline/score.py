@@ -60,8 +60,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
-    evaluated = {"sampler": {method.name: getattr(cfg.sampler, method.name)}, "sample": cfg.sample, "score": cfg.score}
-    evaluation = EvaluationRun(args.run, json.loads(json.dumps(evaluated, default=lambda s: s.model_dump(mode="json"))))
+    sampler = getattr(cfg.sampler, method.name)
+    evaluation = EvaluationRun(args.run, {"sampler": {method.name: sampler.model_dump(mode="json")},
+                                          "sample": cfg.sample.model_dump(mode="json"),
+                                          "score": cfg.score.model_dump(mode="json")})
     for steps in paths:
         evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
     evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})

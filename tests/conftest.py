@@ -42,6 +42,18 @@ TINY = {
 }
 
 
+@pytest.fixture(autouse=True)
+def tracking_uri_kept():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI so that subprocesses inherit it: a test that
+    calls it would send every later test's `dvc repro` on that worker into its store (a CI failure)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before:
+        import mlflow
+
+        mlflow.set_tracking_uri(before)
+
+
 def tiny_params(**overrides) -> dict:
     return merge(merge(repo_params(), TINY), overrides)
 

@@ -67,7 +67,7 @@ def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduc
     table = (repo / "out/compare/table.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS) and "real digits" in table
     assert (repo / "out/compare/grids.png").stat().st_size > 0
-    registered = json.loads((repo / "out/registry.json").read_text())["registered"]  # tracking.register: true
+    registered = json.loads((repo / "out/registry.json").read_text())["registered"]  # tracking.register_models: true
     client = MlflowClient(f"sqlite:///{repo}/mlflow.db", registry_uri=f"sqlite:///{repo}/mlflow.db")
     for name in METHODS:
         scores = json.loads((repo / f"out/score/{name}/metrics.json").read_text())

@@ -149,9 +149,10 @@ def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(repo_copy, tmp_p
 
 LOG_A_RUN = """
 import json, sys, torch
+from dddm.pixels import image_grid
 from dddm.tracking import MlflowTracker
 tracker = MlflowTracker("copies", {"a": 1}, tags={})
-tracker.log_image_grid(torch.zeros(4, 1, 8, 8), "grid.png")
+tracker.client.log_image(tracker.run_id, image_grid(torch.zeros(4, 1, 8, 8)), "grid.png")
 tracker.finish()
 print(json.dumps({"run": tracker.run_id, "artifacts": tracker.client.get_run(tracker.run_id).info.artifact_uri}))
 """

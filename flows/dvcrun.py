@@ -28,7 +28,7 @@ TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is 
 
 # A stage's own error: `<stage>: <what is wrong>` (pipeline/*.py exit with it; a torchrun worker's is
 # followed by torchrun's ChildFailedError report, and every stage's by DVC's "ERROR: failed to reproduce").
-STAGE_ERROR = re.compile(r"^(check|prepare|reference|train|sample|score|compare|register): ")
+STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|score|compare|register): ")
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
 

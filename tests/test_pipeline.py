@@ -43,7 +43,8 @@ def reproduced(tmp_path_factory):
 
 def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduced):
     repo, first = reproduced
-    assert ran(first)[:3] == ["Running stage 'check':", "Running stage 'prepare':", "Running stage 'reference':"]
+    assert ran(first)[:4] == ["Running stage 'check':", "Running stage 'prepare':", "Running stage 'classifier':",
+                              "Running stage 'reference':"]
     info = json.loads((repo / "data/prepared.json").read_text())
     assert info["num_samples"] == 1797 and info["channels"] == 1 and info["image_size"] == 8
     nfe = {"udddm": (1, 2), "ict": (1, 2), "edm": (7,)}  # tiny: EDM with 4 Heun steps

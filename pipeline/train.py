@@ -39,7 +39,8 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> Ml
 
 def main() -> None:
     cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
-                      out="the directory for model.pt, loss.tsv, train_metrics.json, train_info.json, mlflow_run.json")
+                      out="the directory for model.pt, loss.tsv, train_metrics.json, train_info.json and "
+                          "mlflow_run.json")
     world = distributed.init(cfg.train.device)
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)

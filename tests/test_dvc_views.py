@@ -71,3 +71,21 @@ def test_the_score_summary_names_the_feature_network_and_why(use_inception, foun
                                f"{metrics['nfe1']['precision']:.4g}", f"{metrics['nfe1']['recall']:.4g}",
                                str(metrics["nfe1"]["classes"])]
     assert text[4].split() == ["untrained", f"{metrics['untrained']['fid_classifier']:.4g}", "-", "-", "-"]
+
+
+def test_the_committed_classifier_is_the_one_every_stage_recorded():
+    """data/classifier.pt is in git (another CPU trains other weights): a fresh clone scores in this feature
+    space, and the classifier, reference and score stages' records in dvc.lock name this file."""
+    import hashlib
+
+    import yaml
+
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "data/classifier.pt"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert tracked.returncode == 0, tracked.stderr
+    digest = hashlib.md5((ROOT / "data/classifier.pt").read_bytes()).hexdigest()
+    stages = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    users = {"classifier", "reference", *(f"score@{m}" for m in METHODS)}
+    recorded = {name: entry["md5"] for name in users for key in ("deps", "outs")
+                for entry in stages[name].get(key, []) if entry["path"] == "data/classifier.pt"}
+    assert recorded.keys() == users and set(recorded.values()) == {digest}

@@ -194,6 +194,7 @@ def test_a_failing_stage_s_own_message_is_the_task_s_failure_message(reproduced)
             assert len(errors) == 1 and key in errors[0], logger.records[-5:]
     finally:
         write_params(repo, tiny_params())
+        dvc(repo, "checkout", "--force")  # the failed train stage removed its outputs; the next tests read them
 
 
 def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):

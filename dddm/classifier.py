@@ -1,7 +1,7 @@
 """A small CNN classifier: the offline feature network for scoring.
 
 When the FID Inception weights are not available (no internet), `dddm.scoring` measures
-samples in the feature space of this classifier instead, trained in the prepare stage on the
+samples in the feature space of this classifier instead, trained in the classifier stage on the
 prepared dataset's labels. Its numbers are reported under their own names
 (`fid_classifier`, ...), never as FID; see `dddm.scoring`.
 
@@ -196,7 +196,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     """Rebuild the classifier saved by `save_classifier`; its meta dict is at `model.meta`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: classifier file not found (written by the prepare stage)")
+        raise FileNotFoundError(f"{path}: classifier file not found (written by the classifier stage)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file

@@ -75,7 +75,7 @@ class SampleConfig(Section):
 
 
 class ScoreConfig(Section):
-    classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in prepare
+    classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in the classifier stage
     inception_weights: str | None  # weights-inception-2015-12-05-6726825d.pth: path or fsspec URL; null = hub cache
     use_inception: Literal["auto", "always", "never"]  # auto: when the weights are found
     batch_size: int = Field(ge=1)

@@ -243,8 +243,11 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
         checkpoint.save_model(model_path, cfg, method.name, info, ema.module)
         lines = history_path.read_text().splitlines() if history_path.exists() else []
         last = json.loads(lines[-1]) if lines else {}  # also after a resume from the final checkpoint
-        summary = {k: last[k] for k in ("loss", *method.terms) if k in last}
-        (out_dir / "train_metrics.json").write_text(json.dumps(summary | {"steps": global_step}, indent=2))
+        # the final loss is the stage's metric (`dvc metrics show`); the last step's loss terms and schedule
+        # values and the step count are information beside it, not metrics
+        (out_dir / "train_metrics.json").write_text(json.dumps({k: last[k] for k in ("loss",) if k in last}, indent=2))
+        info = {k: last[k] for k in method.terms if k in last} | {"steps": global_step}
+        (out_dir / "train_info.json").write_text(json.dumps(info, indent=2))
     distributed.barrier()
     return TrainResult(model_path=model_path, global_step=global_step, history_path=history_path, net=net, ema=ema, store=store)
 

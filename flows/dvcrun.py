@@ -8,12 +8,14 @@ import difflib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -28,7 +30,7 @@ TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is 
 
 # A stage's own error: `<stage>: <what is wrong>` (pipeline/*.py exit with it; a torchrun worker's is
 # followed by torchrun's ChildFailedError report, and every stage's by DVC's "ERROR: failed to reproduce").
-STAGE_ERROR = re.compile(r"^(check|prepare|reference|train|sample|score|compare|register): ")
+STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|score|compare|register): ")
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
 
@@ -176,10 +178,10 @@ def set_params(overrides: dict[str, Any] | None) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in (overrides or {}).items()]
 
 
-def check_override_keys(params: dict, overrides: dict[str, Any] | None) -> None:
+def check_override_keys(params: dict, keys: Iterable[str] | None) -> None:
     """Every override names a key params.yaml has; else an error naming it and the nearest keys (DVC's own
     message would suggest `+key`, which adds a key the project then rejects)."""
-    for key in overrides or {}:
+    for key in keys or ():
         node, parts = params, key.split(".")
         for depth, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
@@ -192,18 +194,31 @@ def check_override_keys(params: dict, overrides: dict[str, Any] | None) -> None:
             node = node[part]
 
 
-def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
-    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept), then
-    validate the result as every stage will: a bad key or value fails here, naming it, before any stage."""
+def check_sets(params_file: Path, sets: list[str]) -> None:
+    """`-S key=value` strings checked as every stage checks params.yaml, without changing `params_file`: each
+    key is one it has (`+key` adds one, which the validation then names) and the result validates."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    from dddm.config import load_config
+    from dddm.config import parse_config
 
-    check_override_keys(yaml.safe_load((repo / "params.yaml").read_text()), overrides)
+    check_override_keys(yaml.safe_load(params_file.read_text()),
+                        [s.split("=", 1)[0] for s in sets if not s.startswith(("+", "~"))])
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(params_file, copy)
+        dvc_apply_overrides(copy, sets)
+        parse_config(yaml.safe_load(copy.read_text()) or {}, f"{params_file.name} with -S {' -S '.join(sets)}")
+
+
+def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
+    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept), once
+    they are checked: a bad key or value fails here, naming it, before any stage or file changes."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
     sets = set_params(overrides)
+    check_sets(repo / "params.yaml", sets)
     if sets:
         dvc_apply_overrides(repo / "params.yaml", sets)
-    load_config(repo / "params.yaml")
     return sets
 
 

@@ -135,6 +135,8 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         grid = points_grid(points)
     else:
         points = grid_points(grid)
+    for point in points:  # every point's overrides checked before any runs: the key-naming message, not DVC's
+        dvcrun.check_sets(root / "params.yaml", dvcrun.set_params({**(overrides or {}), **point}))
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
     if concurrency == 1:

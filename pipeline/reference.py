@@ -29,7 +29,7 @@ def main() -> None:
     except (InceptionWeightsMissing, ValueError) as e:
         raise SystemExit(f"reference: {e}")
     args.real.parent.mkdir(parents=True, exist_ok=True)
-    args.real.write_text(json.dumps({"real": headline(row) | {"nfe": 0}}, indent=2))
+    args.real.write_text(json.dumps({"real": headline(row)}, indent=2))
     print(f"reference: held-out real images ({len(real)}): " +
           ", ".join(f"{k} {v:.4g}" for k, v in headline(row).items()))
 

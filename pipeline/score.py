@@ -15,10 +15,37 @@ from dddm.distributed import resolve_device
 from dddm.evaluation import evaluate_samples, headline
 from dddm.methods import UDDDM
 from dddm.sampling import sample
-from dddm.scoring import InceptionWeightsMissing
+from dddm.scoring import INCEPTION_FID_LAYER, InceptionWeightsMissing
+from dddm.scoring.inception import search_inception_weights
 from dddm.tracking import EvaluationRun
 
 from .common import start
+
+SUMMARY = ("fid", "fid_classifier", "precision", "recall", "classes")
+
+
+def feature_network_reason(row: dict, score_cfg) -> str:
+    """Which network the distances were computed in, and why (the classifier is the offline fallback)."""
+    if row["feature_network"] != "classifier":
+        return f"Inception features ({row['inception_weights']})"
+    if score_cfg.use_inception == "never":
+        because = "score.use_inception is never"
+    elif search_inception_weights(score_cfg.inception_weights, None)[0] is None:
+        because = f"no Inception weights found (score.inception_weights: {score_cfg.inception_weights})"
+    else:
+        because = (f"{row['num_samples']} samples, or the reference, are fewer than the "
+                   f"{int(INCEPTION_FID_LAYER) + 1} images an Inception FID needs")
+    return f"the scoring classifier's features (fid_classifier, not FID): {because}"
+
+
+def summary(name: str, metrics: dict[str, dict], feature_network: str) -> str:
+    """The rows as a small table (what `dvc metrics show` holds), under the feature network used."""
+    keys = [k for k in SUMMARY if any(k in m for m in metrics.values())]
+    lines = [f"score: {name}, {feature_network}", f"  {'row':<10}" + "".join(f"{k:>16}" for k in keys)]
+    for row, m in metrics.items():
+        lines.append(f"  {row:<10}" + "".join(f"{m[k]:>16.4g}" if k in m else f"{'-':>16}" for k in keys))
+    return "\n".join(lines)
+
 
 def main() -> None:
     cfg, args = start("score", __doc__, per_method=True, samples="the method's samples directory",
@@ -68,10 +95,7 @@ def main() -> None:
         evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
     evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
     evaluation.finish()
-    network = report["rows"][0]["feature_network"]
-    print(f"score: {method.name} ({network} features)")
-    for name, m in metrics.items():
-        print(f"  {name:>10}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    print(summary(method.name, metrics, feature_network_reason(report["rows"][0], cfg.score)))
 
 
 if __name__ == "__main__":

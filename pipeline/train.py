@@ -1,6 +1,7 @@
 """Stage train: one method, under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train` (or plain python).
 
-Writes <out>/model.pt (the EMA network), train_metrics.json, loss.tsv and mlflow_run.json (the MLflow
+Writes <out>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
+step's loss terms and schedule values, the step count), loss.tsv and mlflow_run.json (the MLflow
 run that sample and score log into). Checkpoints and the x0 store live in
 <train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an interrupted `dvc repro` resumes.
 """
@@ -38,7 +39,8 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> Ml
 
 def main() -> None:
     cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
-                      out="the directory for model.pt, loss.tsv, train_metrics.json, mlflow_run.json")
+                      out="the directory for model.pt, loss.tsv, train_metrics.json, train_info.json and "
+                          "mlflow_run.json")
     world = distributed.init(cfg.train.device)
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)

@@ -227,10 +227,12 @@ def test_a_torn_last_history_line_is_dropped_on_resume(runs, tmp_path, caplog):
 
 def test_train_metrics_are_complete_after_resuming_from_the_final_checkpoint(runs, tmp_path):
     run_dir = interrupted(runs, tmp_path)
-    first = json.loads((runs.half.parent / "half-out" / "train_metrics.json").read_text())
+    first = {name: json.loads((runs.half.parent / "half-out" / name).read_text())
+             for name in ("train_metrics.json", "train_info.json")}
     resume(runs, run_dir, tmp_path, epochs=1)  # nothing left to train
-    again = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
-    assert again == first and {"loss", "guide", "iterative", "weight", "steps"} <= again.keys()
+    again = {name: json.loads((tmp_path / "out" / name).read_text()) for name in first}
+    assert again == first and again["train_metrics.json"].keys() == {"loss"}
+    assert again["train_info.json"].keys() == {"guide", "iterative", "weight", "steps"}
 
 
 def test_a_new_checkpoint_that_does_not_verify_leaves_the_older_ones(runs, tmp_path, monkeypatch):

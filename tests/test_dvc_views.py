@@ -1,0 +1,91 @@
+"""What DVC shows of the committed outputs (dvc.lock and out/, no repro): metrics files hold only metrics,
+`dvc plots show` has the comparison plots and no others, and the score stage's printed summary."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+METHODS = ("udddm", "ict", "edm")
+# information, not metrics: they live in report.json and train_info.json, never in a metrics file
+NOT_METRICS = {"feature_network", "num_samples", "num_reference", "inception_weights", "classifier_test_accuracy",
+               "is_classifier", "nfe", "steps", "weight", "levels", "guide", "iterative", "class_histogram"}
+
+
+def dvc_json(*args: str) -> dict:
+    shown = subprocess.run([sys.executable, "-m", "dvc", *args, "--json"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    return json.loads(shown.stdout)
+
+
+def test_metrics_files_hold_only_metrics():
+    files = dvc_json("metrics", "show")[""]["data"]
+    assert set(files) == {"out/real/metrics.json", *(f"out/{stage}/{m}/{name}" for m in METHODS for stage, name in
+                                                    (("train", "train_metrics.json"), ("score", "metrics.json")))}
+    for path, shown in files.items():
+        assert "error" not in shown, (path, shown)
+        rows = shown["data"]
+        keys = set(rows) if "train/" in path else {k for row in rows.values() for k in row}
+        assert keys and not keys & NOT_METRICS, (path, keys & NOT_METRICS)
+    assert files["out/score/edm/metrics.json"]["data"]["nfe35"].keys() == {"fid_classifier", "precision", "recall",
+                                                                            "classes"}
+    assert files["out/train/udddm/train_metrics.json"]["data"].keys() == {"loss"}
+    info = json.loads((ROOT / "out/train/udddm/train_info.json").read_text())  # beside it, not declared a metric
+    assert info.keys() == {"guide", "iterative", "weight", "steps"}
+
+
+def test_plots_are_the_comparison_plots_and_the_loss_curves_only():
+    shown = dvc_json("plots", "show")
+    assert not shown.get("errors"), shown["errors"]
+    plots = shown["data"]
+    assert set(plots) == {"fid_by_network_evaluations", "precision_recall", "out/compare/grids.png",
+                          *(f"out/train/{m}/loss.tsv" for m in METHODS)}
+    assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
+    pr = plots["precision_recall"][0]["content"]["encoding"]
+    assert (pr["x"]["field"], pr["y"]["field"]) == ("recall", "precision")  # both 0..1, no FID on their axis
+    fid = plots["fid_by_network_evaluations"][0]["content"]
+    assert fid["encoding"]["x"]["field"] == "nfe"
+    assert {v["field"] for v in fid["data"]["values"]} == set(METHODS)  # one series per method
+
+
+@pytest.mark.parametrize("use_inception, found, reason", [
+    ("never", None, "score.use_inception is never"),
+    ("auto", None, "no Inception weights found (score.inception_weights: None)"),
+])
+def test_the_score_summary_names_the_feature_network_and_why(use_inception, found, reason):
+    from types import SimpleNamespace
+
+    from pipeline.score import feature_network_reason, summary
+
+    row = {"feature_network": "classifier", "num_samples": 256, "inception_weights": found}
+    said = feature_network_reason(row, SimpleNamespace(use_inception=use_inception, inception_weights=None))
+    assert said == f"the scoring classifier's features (fid_classifier, not FID): {reason}"
+    metrics = json.loads((ROOT / "out/score/ict/metrics.json").read_text())
+    text = summary("ict", metrics, said).splitlines()
+    assert text[0] == f"score: ict, {said}"
+    assert text[1].split() == ["row", "fid_classifier", "precision", "recall", "classes"]
+    assert text[2].split() == ["nfe1", f"{metrics['nfe1']['fid_classifier']:.4g}",
+                               f"{metrics['nfe1']['precision']:.4g}", f"{metrics['nfe1']['recall']:.4g}",
+                               str(metrics["nfe1"]["classes"])]
+    assert text[4].split() == ["untrained", f"{metrics['untrained']['fid_classifier']:.4g}", "-", "-", "-"]
+
+
+def test_the_committed_classifier_is_the_one_every_stage_recorded():
+    """data/classifier.pt is in git (another CPU trains other weights): a fresh clone scores in this feature
+    space, and the classifier, reference and score stages' records in dvc.lock name this file."""
+    import hashlib
+
+    import yaml
+
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "data/classifier.pt"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert tracked.returncode == 0, tracked.stderr
+    digest = hashlib.md5((ROOT / "data/classifier.pt").read_bytes()).hexdigest()
+    stages = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    users = {"classifier", "reference", *(f"score@{m}" for m in METHODS)}
+    recorded = {name: entry["md5"] for name in users for key in ("deps", "outs")
+                for entry in stages[name].get(key, []) if entry["path"] == "data/classifier.pt"}
+    assert recorded.keys() == users and set(recorded.values()) == {digest}

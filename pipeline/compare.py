@@ -1,7 +1,8 @@
 """Stage compare: every method's scores and sample grids side by side -> <out>/table.md (the README's
 first table), <out>/grids.png (the samples of each method and step count, labelled), and the data of
 dvc.yaml's plots: <out>/fid_by_nfe.tsv (FID per method against network evaluations) and
-<out>/precision_recall.tsv (each method and step count as a point in the precision-recall plane)."""
+<out>/precision_recall.tsv (each method and step count as a point in the precision-recall plane); and
+<headline>, a metrics file of one FID per method and row (the columns `python -m pipeline.exp show` keeps)."""
 
 import json
 
@@ -35,6 +36,15 @@ def fid_by_nfe(rows: list[tuple[str, str, dict]], methods: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_fids(real: dict, trained: list[tuple[str, str, dict]]) -> dict:
+    """The FID (in the score stage's feature network: `fid`, else `fid_classifier`) of the real row and of
+    each method's rows, keyed `<method>.nfe<k>`: short columns in `dvc exp show`."""
+    fids: dict = {"real": real[fid_name(real)]}
+    for name, _, numbers in trained:
+        fids.setdefault(name, {})[f"nfe{numbers['nfe']}"] = numbers[fid_name(numbers)]
+    return fids
+
+
 def precision_recall(rows: list[tuple[str, str, dict]]) -> str:
     lines = ["point\tprecision\trecall"]
     lines += [f"{name} {sampling}\t{numbers['precision']:.6g}\t{numbers['recall']:.6g}"
@@ -60,7 +70,8 @@ def labelled_grids(items: list[tuple[str, Image.Image]]) -> Image.Image:
 def main() -> None:
     cfg, args = start("compare", __doc__, scores="the score stages' directory (one sub-directory per method)",
                       samples="the sample stages' directory", real="the real-data row's metrics JSON",
-                      out="the directory for table.md, grids.png and the plots' TSV files")
+                      out="the directory for table.md, grids.png and the plots' TSV files",
+                      headline="the headline metrics JSON (one FID per method and row)")
     real = json.loads(args.real.read_text())["real"]
     rows, trained = [("real digits (held out)", "-", real | {"nfe": 0})], []
     grids = []
@@ -79,6 +90,7 @@ def main() -> None:
     (args.out / "fid_by_nfe.tsv").write_text(fid_by_nfe(trained, cfg.methods))
     (args.out / "precision_recall.tsv").write_text(precision_recall(rows[:1] + trained))
     labelled_grids(grids).save(args.out / "grids.png")
+    args.headline.write_text(json.dumps(headline_fids(real, trained), indent=2) + "\n")
     print(text)
 
 

@@ -23,18 +23,33 @@ def dvc_json(*args: str) -> dict:
 
 def test_metrics_files_hold_only_metrics():
     files = dvc_json("metrics", "show")[""]["data"]
-    assert set(files) == {"out/real/metrics.json", *(f"out/{stage}/{m}/{name}" for m in METHODS for stage, name in
-                                                    (("train", "train_metrics.json"), ("score", "metrics.json")))}
+    assert set(files) == {"out/real/metrics.json", "out/headline.json",
+                          *(f"out/{stage}/{m}/{name}" for m in METHODS for stage, name in
+                            (("train", "train_metrics.json"), ("score", "metrics.json")))}
     for path, shown in files.items():
         assert "error" not in shown, (path, shown)
         rows = shown["data"]
-        keys = set(rows) if "train/" in path else {k for row in rows.values() for k in row}
+        keys = set(rows) if "train/" in path else {k for row in rows.values() if isinstance(row, dict) for k in row}
         assert keys and not keys & NOT_METRICS, (path, keys & NOT_METRICS)
     assert files["out/score/edm/metrics.json"]["data"]["nfe35"].keys() == {"fid_classifier", "precision", "recall",
                                                                             "classes"}
     assert files["out/train/udddm/train_metrics.json"]["data"].keys() == {"loss"}
+    fid = {m: {row: numbers["fid_classifier"] for row, numbers in files[f"out/score/{m}/metrics.json"]["data"].items()
+               if row.startswith("nfe")} for m in METHODS}
+    assert files["out/headline.json"]["data"] == fid | {"real": files["out/real/metrics.json"]["data"]["real"]
+                                                        ["fid_classifier"]}
     info = json.loads((ROOT / "out/train/udddm/train_info.json").read_text())  # beside it, not declared a metric
     assert info.keys() == {"guide", "iterative", "weight", "steps"}
+
+
+def test_exp_show_of_the_committed_default_fits_200_columns():
+    shown = subprocess.run([sys.executable, "-m", "pipeline.exp", "show", "--md"], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe35"]
+    assert max(len(line) for line in lines) <= 200, shown.stdout
 
 
 def test_plots_are_the_comparison_plots_and_the_loss_curves_only():

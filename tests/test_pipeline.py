@@ -3,6 +3,7 @@
 import hashlib
 import json
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -214,6 +215,13 @@ def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):
         ["Running stage 'train@udddm':", "Running stage 'sample@udddm':", "Running stage 'score@udddm':"], exp.stdout
     model = torch.load(repo / "out/train/udddm/model.pt", weights_only=False)
     assert model["params"]["method"]["udddm"]["process"] == "ve"
+    shown = subprocess.run([sys.executable, "-m", "pipeline.exp", "show", "--md"], cwd=repo, env=run_env(),
+                           capture_output=True, text=True, timeout=300)  # markdown: the table's full width
+    assert shown.returncode == 0, shown.stderr
+    header = [cell.strip() for cell in shown.stdout.splitlines()[0].strip("|").split("|")]
+    assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe7",
+                      "method.udddm.process"], header  # the changed param and the FIDs; no hashes
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 200
 
     missing = repo / "nowhere" / "cifar-10-python.tar.gz"
     write_params(repo, tiny_params(data={"source": "cifar10", "path": str(missing)}))

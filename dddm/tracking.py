@@ -20,16 +20,20 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.data.sources import LocalArtifactDatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric
+from mlflow.models import ModelSignature
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema, TensorSpec
 
 from .files import atomic_open
 from .pixels import image_grid
 from .sampling import sample
+from .unet import UNet
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +143,39 @@ def logged_model_id(client: MlflowClient, run: mlflow.entities.Run, name: str = 
     return next((m.model_id for m in models if m.name == name), None)
 
 
+class _WithEstimate(torch.nn.Module):
+    def __init__(self, net: UNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x0_est: torch.Tensor, x_t: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
+        return self.net(x0_est, x_t, noise_label)
+
+
+class _WithoutEstimate(_WithEstimate):
+    def forward(self, x_t: torch.Tensor, noise_label: torch.Tensor) -> torch.Tensor:
+        return self.net(None, x_t, noise_label)
+
+
+def tensor_arguments(net: UNet) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The network with tensor arguments only (pt2 traces a fixed signature; iCT's and EDM's networks take
+    no x0 estimate) and an example of each argument, batch 2 (a batch of 1 would be exported as fixed)."""
+    def image() -> torch.Tensor:  # one tensor each: export would take two arguments aliasing one as one input
+        return torch.zeros(2, net.channels, net.image_size, net.image_size)
+    inputs = {"x_t": image(), "noise_label": torch.zeros(2)}
+    if net.conditioning == "none":
+        return _WithoutEstimate(net), inputs
+    return _WithEstimate(net), {"x0_est": image()} | inputs
+
+
+def network_signature(inputs: dict[str, torch.Tensor]) -> ModelSignature:
+    """Float32 tensors with a free batch dimension; the output is shaped like x_t."""
+    def spec(name: str | None, example: torch.Tensor) -> TensorSpec:
+        return TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), name)
+    return ModelSignature(inputs=Schema([spec(k, v) for k, v in inputs.items()]),
+                          outputs=Schema([spec(None, inputs["x_t"])]))
+
+
 class MlflowTracker:
     """Logs a training run: params, tags, batched per-step metrics, sample grids, the final model."""
 
@@ -196,12 +233,14 @@ class MlflowTracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
 
-    def log_model(self, module: torch.nn.Module, name: str = "ema_model") -> None:
-        """The network as an MLflow PyTorch model; `dddm` travels with it so it loads anywhere."""
+    def log_model(self, net: UNet, name: str = "ema_model") -> None:
+        """The network as an MLflow PyTorch model in the pt2 format (torch.export: no pickle, no code
+        needed to load it), with a signature naming its input tensors and a dynamic batch."""
         self.flush()
+        module, inputs = tensor_arguments(net.cpu().eval())
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(module.cpu(), name=name, serialization_format="pickle",
-                                     code_paths=[str(Path(__file__).parent)],
+            mlflow.pytorch.log_model(module, name=name, serialization_format="pt2", signature=network_signature(inputs),
+                                     input_example=tuple(inputs.values()),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
     def finish(self, status: str = "FINISHED") -> None:

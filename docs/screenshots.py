@@ -64,12 +64,12 @@ def copy_repository(dest: Path) -> Path:
     return dest
 
 
-def photograph(url: str, path: Path, width: int = 1500, height: int = 1000) -> None:
+def photograph(url: str, path: Path, width: int = 1500, height: int = 1000, budget_ms: int = 60000) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise SystemExit("screenshots: no Chromium found (Debian: apt-get install chromium; or `make screenshots`)")
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width},{height}", "--virtual-time-budget=20000", f"--screenshot={path}", url],
+                    f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
                    check=True, capture_output=True, timeout=120)
     print(f"{path}: {url}")
 
@@ -113,20 +113,19 @@ def main() -> None:
             os.environ.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(tmp / "prefect"))
             with get_client(sync_client=True) as prefect:
                 [flow_run] = prefect.read_flow_runs(limit=1)
+                table = next(a for a in prefect.read_artifacts() if a.type == "table")
             run_page = f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
             [evaluation] = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
             [model] = [m for m in client.search_logged_models([experiment_id]) if m.source_run_id == run_id]
             shots = {
                 "mlflow-run.png": (run_page, 1800),  # name, source, user, commit, dataset, tags, child run, model
-                "mlflow-run-charts.png": (f"{run_page}/model-metrics", 1400),  # loss curves, grids with a slider
                 "mlflow-evaluation-samples.png":  # the scoring's own child run: its sample grid
                     (f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{evaluation.info.run_id}/artifacts/"
                      "samples/1-step.png", 1000),
                 "mlflow-model.png": (f"{mlflow_uri}/#/experiments/{experiment_id}/models/{model.model_id}", 1400),
                 "mlflow-registry.png": (f"{mlflow_uri}/#/models/udddm-digits/versions/{version}", 1000),
                 "prefect-flow-run.png": (f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run.id}", 1000),
-                "prefect-artifacts.png":
-                    (f"http://127.0.0.1:{prefect_port}/runs/flow-run/{flow_run.id}?tab=Artifacts", 1000),
+                "prefect-score-table.png": (f"http://127.0.0.1:{prefect_port}/artifacts/artifact/{table.id}", 1000),
             }
             for name, (url, height) in shots.items():
                 photograph(url, args.out / name, height=height)

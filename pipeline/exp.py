@@ -22,9 +22,10 @@ from dvc.exceptions import DvcException
 from flows.dvcrun import check_sets
 
 # dvc exp show's column names: a metric is `<key>`, or `<file>:<key>` where two files share the key;
-# a dependency is its path. out/headline.json's keys (`real`, `<method>.nfe<k>`) name no file.
+# a dependency is its path (params.yaml is the check stage's). out/headline.json's keys (`real`,
+# `<method>.nfe<k>`) name no file.
 HEADLINE_COLUMNS = r"^real$|^[a-z0-9_]+\.nfe\d+$"
-NOT_SHOWN = r".*[/:]|^dddm$|^pipeline$|^(nfe\d+|real|untrained)\."  # hashes, per-method files, real's file
+NOT_SHOWN = r".*[/:]|^dddm$|^params\.yaml$|^(nfe\d+|real|untrained)\."  # hashes, per-method files, real's file
 
 
 def dvc(*args: str) -> None:

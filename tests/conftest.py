@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from dddm.config import merge_params as merge  # noqa: E402
+from grouping import pytest_collection_modifyitems  # noqa: E402,F401  (a hook: pytest finds it by name)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -87,15 +88,3 @@ def repo_copy(tmp_path) -> Path:
 
 def write_params(repo: Path, params: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-# Under `pytest -n 2 --dist loadgroup` (make test): each module's tests stay on one worker, so its
-# module-scoped fixtures (a tiny `dvc repro`, MLflow and Prefect servers, a trained run) are built
-# once; the modules listed here have independent, slow tests and are spread over the workers.
-SPREAD_MODULES = {"test_training.py"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -121,6 +121,20 @@ def kill_launching_group(proc, run_dir: Path) -> None:
     assert not orphans, f"workers outlived their launcher: {orphans}"
 
 
+def kill_in_a_checkpoint_write(proc, run_dir: Path, steps_done) -> bool:
+    """Stops the launcher and its workers (SIGSTOP) as soon as a new `ckpt-*.tmp` appears, then kills the
+    launching group; True when the write was still unfinished when they stopped."""
+    before, stale = steps_done(), set(run_dir.glob("ckpt-*.tmp"))
+    wait_for(proc, lambda: steps_done() > before, "a step")  # the workers exist
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    wait_for(proc, lambda: set(run_dir.glob("ckpt-*.tmp")) - stale, "a checkpoint write")
+    for p in tree:
+        p.suspend()
+    unfinished = bool(set(run_dir.glob("ckpt-*.tmp")) - stale)
+    kill_launching_group(proc, run_dir)
+    return unfinished
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("policy", ["device", "arrow"])
@@ -154,11 +168,16 @@ def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_iden
         if moment == "random step":
             target = rng.randrange(steps_done() + 1, total)
             wait_for(proc, lambda: steps_done() >= target, f"step {target}")
+            kill_launching_group(proc, run_dir)
         else:
-            wait_for(proc, lambda: any(run_dir.glob("ckpt-*.tmp")), "a checkpoint write")
-        kill_launching_group(proc, run_dir)
-        if moment == "checkpoint write":
-            assert any(run_dir.glob("ckpt-*.tmp")), "killed after the checkpoint write had finished"
+            for attempt in range(3):  # a write can end between being seen and the stop; then kill there too
+                if attempt:
+                    proc = run_worker(pfile, prepared, crash / "out", run_dir, nproc, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+                if kill_in_a_checkpoint_write(proc, run_dir, steps_done):
+                    break
+            else:
+                raise AssertionError("three kills all came after the checkpoint write had finished")
     run_worker(pfile, prepared, crash / "out", run_dir, nproc)
 
     a, b = final_state(whole / "run", whole / "out", nproc), final_state(run_dir, crash / "out", nproc)

@@ -18,10 +18,10 @@ repro: $(STAMP)
 	PATH=$(BIN):$$PATH dvc repro
 
 test: $(STAMP)
-	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup
+	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup -m "not slow"
+	PATH=$(BIN):$$PATH pytest -n 2 --dist loadgroup --no-loadscope-reorder -m "not slow"
 
 # docs/img/*.png: the MLflow and Prefect pages of a small experiment, photographed by headless Chromium
 screenshots: $(STAMP)

@@ -78,15 +78,15 @@ OPTIONS = [pytest.param({"cpu_bf16": True}, id="cpu_bf16",
 @pytest.mark.parametrize("options", OPTIONS)
 def test_resume_is_bit_exact_with_the_option_on(tmp_path, prepared, options):
     """Two epochs in one run equal one epoch, then a resume for the second, bit for bit."""
-    def cfg(epochs):
-        return parse_config(tiny_params(train={"epochs": epochs, "batch_size": 512, "checkpoint_every": 0,
+    def cfg(epochs):  # 1797 digits = 3 batches of 599: one batch shape, so torch.compile compiles once
+        return parse_config(tiny_params(train={"epochs": epochs, "batch_size": 599, "checkpoint_every": 0,
                                                "checkpoint_dir": str(tmp_path / "ck"), **options},
                                         model={"dropout": 0.2}))  # exercises the restored RNG state
 
     whole = train(cfg(2), "udddm", prepared, tmp_path / "whole-out", tmp_path / "whole", progress=False)
     train(cfg(1), "udddm", prepared, tmp_path / "split-out", tmp_path / "split", progress=False)
     split = train(cfg(2), "udddm", prepared, tmp_path / "split-out", tmp_path / "split", progress=False)
-    assert whole.global_step == split.global_step == 8
+    assert whole.global_step == split.global_step == 6
     for a, b in ((whole.net.state_dict(), split.net.state_dict()), (whole.ema.state_dict(), split.ema.state_dict())):
         for name in a:
             assert torch.equal(a[name], b[name]), name

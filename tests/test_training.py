@@ -162,22 +162,19 @@ def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_iden
     def steps_done() -> int:
         return len(history.read_text().splitlines()) if history.exists() else 0
 
-    for moment in ("random step", "checkpoint write", "random step"):
-        proc = run_worker(pfile, prepared, crash / "out", run_dir, nproc, stdout=subprocess.DEVNULL,
+    def start():
+        return run_worker(pfile, prepared, crash / "out", run_dir, nproc, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, start_new_session=True)
+
+    for moment in ("random step", "checkpoint write", "random step"):
         if moment == "random step":
+            proc = start()
             target = rng.randrange(steps_done() + 1, total)
             wait_for(proc, lambda: steps_done() >= target, f"step {target}")
             kill_launching_group(proc, run_dir)
-        else:
-            for attempt in range(3):  # a write can end between being seen and the stop; then kill there too
-                if attempt:
-                    proc = run_worker(pfile, prepared, crash / "out", run_dir, nproc, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
-                if kill_in_a_checkpoint_write(proc, run_dir, steps_done):
-                    break
-            else:
-                raise AssertionError("three kills all came after the checkpoint write had finished")
+        # a write can end between being seen and the stop; then the kill lands there and the next write is tried
+        elif not any(kill_in_a_checkpoint_write(start(), run_dir, steps_done) for _ in range(3)):
+            raise AssertionError("three kills all came after the checkpoint write had finished")
     run_worker(pfile, prepared, crash / "out", run_dir, nproc)
 
     a, b = final_state(whole / "run", whole / "out", nproc), final_state(run_dir, crash / "out", nproc)

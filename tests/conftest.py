@@ -63,6 +63,9 @@ def run_env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
+    # Stages write bytecode as on users' machines (this workplace sets PYTHONDONTWRITEBYTECODE=1, which
+    # once hid `__pycache__` under `dddm` changing its DVC hash and retraining every stage).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env.update(extra)
     return env
 

@@ -103,9 +103,13 @@ def test_plots_compare_the_methods(reproduced):
 
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):
     repo, _ = reproduced
+    # the stages ran with bytecode writing on (run_env), so the code deps hold fresh __pycache__ dirs
+    assert list((repo / "dddm").glob("__pycache__/*.pyc")) and list((repo / "pipeline").glob("__pycache__/*.pyc"))
     again = dvc(repo, "repro")
     assert again.returncode == 0, again.stderr
     assert ran(again) == [], again.stdout
+    status = dvc(repo, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
     write_params(repo, tiny_params(sampler={"ict": {"steps": [1]}}))
     third = dvc(repo, "repro")
     assert third.returncode == 0, third.stderr

@@ -239,12 +239,15 @@ def weights_sha256(state_dict: dict) -> str:
     return h.hexdigest()
 
 
-def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module) -> None:
-    """The final EMA network with the params, method and dataset info needed to rebuild it, and the
-    digest of its weights (a model file has no manifest: bytes changed inside a tensor are caught by this)."""
+def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module, images: int,
+               init: dict | None = None) -> None:
+    """The final EMA network with the params, method and dataset info needed to rebuild it, the training
+    images behind it (`images`, the initialisation's included) and where it started (`init`: None from
+    scratch, else dddm.finetune.Initialisation.describe()), and the digest of its weights (a model file
+    has no manifest: bytes changed inside a tensor are caught by this)."""
     state = module.state_dict()
     atomic_save({"params": cfg.model_dump(mode="json"), "method": method, "dataset": asdict(info),
-                 "state_dict": state, "weights_sha256": weights_sha256(state)}, path)
+                 "state_dict": state, "weights_sha256": weights_sha256(state), "images": images, "init": init}, path)
 
 
 @dataclass
@@ -253,6 +256,9 @@ class TrainedModel:
     cfg: object           # the Config it was trained with
     method: object        # its dddm.methods.Method
     dataset: dict         # the prepared dataset's info
+    images: int           # training images behind it, its initialisation's included
+    init: dict | None     # None: trained from scratch; else the model it was fine-tuned from (path, method, ...)
+    weights_sha256: str
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -276,7 +282,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_meth
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found (run the train stage first)")
     blob = load_file(path, "model file (rerun the train stage)")
-    if not {"params", "method", "dataset", "state_dict", "weights_sha256"} <= set(blob):
+    if not {"params", "method", "dataset", "state_dict", "weights_sha256", "images", "init"} <= set(blob):
         raise CheckpointError(f"{path}: not a model file written by the train stage (keys {sorted(blob)}); rerun it")
     if weights_sha256(blob["state_dict"]) != blob["weights_sha256"]:
         raise CheckpointError(f"{path}: the weights do not match the file's checksum (the file was corrupted); "
@@ -287,4 +293,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", expect_meth
         raise ValueError(f"{path}: holds a {method.name} model, not {expect_method}")
     net = build_network(cfg.model, blob["dataset"]["image_size"], blob["dataset"]["channels"], method.conditioning)
     net.load_state_dict(blob["state_dict"])
-    return TrainedModel(net.to(device).eval(), cfg, method, blob["dataset"])
+    return TrainedModel(net.to(device).eval(), cfg, method, blob["dataset"], blob["images"], blob["init"],
+                        blob["weights_sha256"])

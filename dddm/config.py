@@ -67,6 +67,17 @@ class TrainConfig(Section):
     checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
     keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones
     resume: Literal["auto", "never"]
+    eval_every: int = Field(ge=0)  # epochs between learning-curve points of the EMA model; 0 = none
+    eval_samples: int = Field(ge=2)  # samples per learning-curve point
+
+
+class FinetuneConfig(Section):
+    """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
+
+    methods: tuple[str, ...]  # may be empty
+    init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
+    epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
+    lr: float = Field(gt=0.0, allow_inf_nan=False)
 
 
 class SampleConfig(Section):
@@ -101,6 +112,7 @@ class Config(Section):
     methods: tuple[str, ...] = Field(min_length=1)  # trained, sampled and scored side by side (dvc.yaml matrix)
     method: MethodConfig
     train: TrainConfig
+    finetune: FinetuneConfig
     sampler: SamplerSection  # each method's sampling params: changing them resamples, never retrains
     sample: SampleConfig
     score: ScoreConfig
@@ -114,6 +126,20 @@ class Config(Section):
         if len(set(v)) != len(v):
             raise ValueError(f"{list(v)} names a method twice")
         return v
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        """Every method trained, sampled and scored: from scratch (`methods`), then fine-tuned."""
+        return self.methods + self.finetune.methods
+
+    def finetuned(self, name: str) -> bool:
+        return name in self.finetune.methods
+
+    def epochs_of(self, name: str) -> int:
+        return self.finetune.epochs if self.finetuned(name) else self.train.epochs
+
+    def lr_of(self, name: str) -> float:
+        return self.finetune.lr if self.finetuned(name) else self.train.lr
 
     def method_config(self, name: str) -> Section:
         check_choice("method", name, METHODS)
@@ -141,6 +167,30 @@ def _check_consistency(cfg: Config) -> None:
         cfg.make_method(name)  # rules across a method's training and sampling sections
     if cfg.data.source != "digits" and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r} (a local path or fsspec URL)")
+    _check_finetune(cfg)
+    for name in cfg.compared:
+        epochs_key = "finetune.epochs" if cfg.finetuned(name) else "train.epochs"
+        if cfg.train.eval_every > cfg.epochs_of(name):
+            raise ConfigError(f"train.eval_every: {cfg.train.eval_every} epochs between learning-curve points is more "
+                              f"than {epochs_key} ({cfg.epochs_of(name)}) of {name}")
+
+
+def _check_finetune(cfg: Config) -> None:
+    ft = cfg.finetune
+    for name in ft.methods:
+        try:
+            check_choice("finetune.methods", name, METHODS)
+        except ValueError as e:
+            raise ConfigError(f"finetune.methods: {e}") from None
+        if not METHODS[name].starts_from:
+            raise ConfigError(f"finetune.methods: {name} cannot start from another model (it trains from scratch)")
+    twice = sorted({n for n in ft.methods if ft.methods.count(n) > 1 or n in cfg.methods})
+    if twice:
+        raise ConfigError(f"finetune.methods: {', '.join(twice)} listed twice (in methods or finetune.methods); "
+                          f"a method is trained either from scratch or fine-tuned")
+    if ft.methods and not ft.init_from:
+        raise ConfigError(f"finetune.init_from: required to fine-tune {', '.join(ft.methods)} (a model file, e.g. "
+                          f"out/train/edm/model.pt)")
 
 
 def _format(error: ValidationError, source: str) -> str:

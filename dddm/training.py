@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, performance, runlock
 from .config import Config
+from .curves import LearningCurve
 from .data import PreparedDataset
+from .finetune import Initialisation, initialise
 from .methods import Progress
 from .rng import STREAM_EPOCH_ORDER, generator
 from .store import open_store, owned_indices, store_path
@@ -62,12 +64,14 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
     return ("step", "epoch", "loss", *terms, "lr", "img_per_s", "store_bytes", *(f"time_{p}" for p in PHASES))
 
 
-def run_directory(cfg: Config, method: str, fingerprint: str) -> Path:
-    """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration and
-    dataset, so `resume: auto` never continues a run of other parameters."""
+def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisation | None = None) -> Path:
+    """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration, dataset
+    and initialisation, so `resume: auto` never continues a run of other parameters."""
     identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
     identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device", "keep_checkpoints")}
     identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
+    if init is not None:
+        identity["finetune"] = {"epochs": cfg.finetune.epochs, "lr": cfg.finetune.lr, "init": init.weights_sha256}
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 
@@ -103,6 +107,11 @@ def write_history(history_path: Path, tsv_path: Path, terms: tuple[str, ...]) ->
             out.write("\t".join(str(row[k]) for k in fields) + "\n")
 
 
+def curve_metrics(point: dict) -> dict:
+    """A learning-curve point as MLflow metrics (`curve/fid_classifier_1step`, ...) at its training step."""
+    return {f"curve/{k}": v for k, v in point.items() if k != "epoch"}
+
+
 class NullTracker:
     """What the loop reports to; the MLflow tracker (rank 0) implements the same methods."""
 
@@ -114,17 +123,21 @@ class NullTracker:
 
 
 def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
-          tracker=None, progress: bool = True) -> TrainResult:
-    """Train `method_name` per `cfg` on the prepared dataset; write the final EMA model to
-    out_dir/model.pt. `run_dir` holds checkpoints and the x0 store; with train.resume = auto the newest
-    checkpoint there that verifies is continued. One trainer per run_dir: a second one raises RunLocked."""
+          tracker=None, progress: bool = True, init: Initialisation | None = None,
+          curve: LearningCurve | None = None) -> TrainResult:
+    """Train `method_name` per `cfg` on the prepared dataset, from scratch or from `init` (a fine-tuned
+    method); write the final EMA model to out_dir/model.pt. `run_dir` holds checkpoints and the x0 store;
+    with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
+    records a learning-curve point every train.eval_every epochs. One trainer per run_dir: a second one
+    raises RunLocked."""
     world = distributed.init(cfg.train.device)
     with runlock.hold(Path(run_dir), world):
-        return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress)
+        return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve)
 
 
 def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_dir: str | Path,
-           run_dir: str | Path, tracker, progress: bool) -> TrainResult:
+           run_dir: str | Path, tracker, progress: bool, init: Initialisation | None,
+           curve: LearningCurve | None) -> TrainResult:
     tracker = tracker if (tracker is not None and world.is_main) else NullTracker()
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     dataset = PreparedDataset(prepared_path)
@@ -134,9 +147,12 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
 
     method = cfg.make_method(method_name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    net = build_network(cfg.model, info.image_size, info.channels, method.conditioning).to(world.device)
+    net = build_network(cfg.model, info.image_size, info.channels, method.conditioning)
+    if init is not None:
+        initialise(net, init)
+    net = net.to(world.device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-    opt = performance.adam(net.parameters(), tc.lr, world.device)
+    opt = method.make_optimizer(net.parameters(), cfg.lr_of(method_name), world.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps)
                                               if tc.warmup_steps else 1.0)
     model = DistributedDataParallel(net, device_ids=[world.device.index] if world.device.type == "cuda" else None) \
@@ -168,7 +184,13 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                       "store_backend": type(store).__name__ if store is not None else "none",
                       "global_batch": str(tc.batch_size * world.world_size)})
 
-    total_steps = tc.epochs * steps_per_epoch
+    total_steps = cfg.epochs_of(method_name) * steps_per_epoch
+    images_before = init.images if init is not None else 0  # the initialisation's training images
+    curve = curve if world.is_main else None
+    if curve is not None:
+        curve.prepare(dataset.images(range(info.num_samples)), info.fingerprint, global_step // steps_per_epoch)
+        if init is not None and global_step == 0:
+            tracker.log_metrics(curve_metrics(curve.record(ema.module, 0, images_before)), 0)
     saved = latest  # the newest checkpoint this run can go back to
     autocast = performance.bf16_autocast(world.device, tc.bf16, tc.cpu_bf16)
     bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not (progress and world.is_main))
@@ -235,12 +257,18 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                 saved = checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched,
                                         store=store, keep=tc.keep_checkpoints)
         tracker.on_epoch_end(epoch, ema.module)
+        done = epoch + 1
+        if curve is not None and tc.eval_every and done % tc.eval_every == 0:
+            tracker.log_metrics(curve_metrics(curve.record(ema.module, done, images_before + done * info.num_samples)),
+                                global_step)
     bar.close()
 
     model_path = out_dir / "model.pt"
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_model(model_path, cfg, method.name, info, ema.module)
+        checkpoint.save_model(model_path, cfg, method.name, info, ema.module,
+                              images=images_before + cfg.epochs_of(method_name) * info.num_samples,
+                              init=init.describe() if init is not None else None)
         lines = history_path.read_text().splitlines() if history_path.exists() else []
         last = json.loads(lines[-1]) if lines else {}  # also after a resume from the final checkpoint
         # the final loss is the stage's metric (`dvc metrics show`); the last step's loss terms and schedule

@@ -135,16 +135,25 @@ def stages(repo: Path) -> list[str]:
     return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
 
 
+def compared_methods(params: dict) -> list[str]:
+    """The methods a run trains, samples and scores: from scratch (`methods`), then fine-tuned."""
+    return list(params["methods"]) + list(params["finetune"]["methods"])
+
+
 def expanded_stages(repo: Path) -> dict[str, dict]:
-    """dvc.yaml's stages with each method matrix expanded (`train@edm`, ...) and `${item.method}` filled
-    in from params.yaml's `methods`: the one place the flows learn the pipeline's paths from."""
+    """dvc.yaml's stages with each method matrix expanded (`train@edm`, `finetune@ect`, ...) and
+    `${item.method}` filled in from the params list it names (`${methods}`, `${finetune.methods}`): the one
+    place the flows learn the pipeline's paths from."""
     stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    methods = yaml.safe_load((repo / "params.yaml").read_text())["methods"]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     out = {}
     for name, stage in stages_.items():
         if "matrix" not in stage:
             out[name] = stage
             continue
+        methods = params
+        for key in stage["matrix"]["method"].removeprefix("${").removesuffix("}").split("."):
+            methods = methods[key]
         body = yaml.safe_dump({k: v for k, v in stage.items() if k != "matrix"})
         for method in methods:
             out[f"{name}@{method}"] = yaml.safe_load(body.replace("${item.method}", method))
@@ -165,10 +174,12 @@ def uncached_outputs(repo: Path) -> list[str]:
 def method_outputs(repo: Path, method: str) -> dict[str, Path]:
     """Where a method's scores (`metrics`) and MLflow run reference (`run`) are, as dvc.yaml declares them."""
     stages_ = expanded_stages(repo)
-    if f"score@{method}" not in stages_:
-        raise ValueError(f"method {method!r} is not in params.yaml's methods")
-    metrics = _paths(stages_[f"score@{method}"], ("metrics",))[0][0]
-    run = next(p for p, _ in _paths(stages_[f"train@{method}"], ("outs",)) if p.endswith("mlflow_run.json"))
+    score = next((stages_[f"{n}@{method}"] for n in ("score", "score_finetuned") if f"{n}@{method}" in stages_), None)
+    if score is None:
+        raise ValueError(f"method {method!r} is not in params.yaml's methods or finetune.methods")
+    train = next(stages_[f"{n}@{method}"] for n in ("train", "finetune") if f"{n}@{method}" in stages_)
+    metrics = _paths(score, ("metrics",))[0][0]
+    run = next(p for p, _ in _paths(train, ("outs",)) if p.endswith("mlflow_run.json"))
     return {"metrics": repo / metrics, "run": repo / run}
 
 

@@ -171,10 +171,11 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
             for stage in dvcrun.stages(root):
                 run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s)
         params = yaml.safe_load((root / "params.yaml").read_text())
-        metrics, references = read_scores(root, params["methods"])
+        metrics, references = read_scores(root, dvcrun.compared_methods(params))
         saved = save_experiment(str(root), name)
     if method not in references:
-        raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods {params['methods']}")
+        raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods "
+                         f"{dvcrun.compared_methods(params)}")
     tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]
     registered = None
     if registry:
@@ -184,7 +185,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     overridden = " ".join(dvcrun.set_params(overrides)) or "none"
     lines = [f"## Experiment `{saved or name}`", "",
              f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, methods "
-             f"`{', '.join(params['methods'])}`.", "",
+             f"`{', '.join(dvcrun.compared_methods(params))}`.", "",
              scores_table(metrics), "", f"MLflow run of {method}: {run_link(tracking_uri, run_id)}"]
     if registered:
         outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"

@@ -29,13 +29,21 @@ from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, 
 from dddm.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
-# The method study (docs/method-study.md): uDDDM as published and the readings that test it, with iCT and
-# EDM trained once beside them (their stages are restored from DVC's run-cache for every other point).
+# The method study (docs/method-study.md): uDDDM as published and the readings that test it, with iCT,
+# EDM and ECT trained once beside them (their stages are restored from DVC's run-cache for every other
+# point), uDDDM fine-tuned from EDM's model as ECT is, and 4x the training budget.
 STUDY_POINTS = [{},  # the paper: VE, sigma_max 50, the prediction into the store, n counting epochs
                 {"method.udddm.process": "vp"},  # the paper's VP, T = 8000
                 {"method.udddm.processes.ve.sigma_max": 2.0},
                 {"method.udddm.estimates_from": "data"},  # the authors' released code
-                {"method.udddm.n_counts": "step"}]  # Algorithm 1's literal n <- n + 1
+                {"method.udddm.n_counts": "step"},  # Algorithm 1's literal n <- n + 1
+                # uDDDM given ECT's head start: fine-tuned from EDM's model (its budget and lr), both readings
+                {"methods": ["ict", "edm"], "finetune.methods": ["ect", "udddm"]},
+                {"methods": ["ict", "edm"], "finetune.methods": ["ect", "udddm"], "method.udddm.estimates_from": "data"},
+                # budget: 4x the default's training images (240 epochs), with their learning curves
+                {"methods": ["udddm"], "finetune.methods": [], "train.epochs": 240},
+                {"methods": ["udddm"], "finetune.methods": [], "train.epochs": 240, "method.udddm.estimates_from": "data"},
+                {"methods": ["ict"], "finetune.methods": [], "train.epochs": 240}]
 
 
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
@@ -65,7 +73,7 @@ def temp_experiment(repo: str, name: str, overrides: dict[str, Any], timeout_s: 
         return yaml.safe_load(dvc.api.read(path, repo=str(root), rev=name))
 
     params = read("params.yaml")
-    paths = {m: dvcrun.method_outputs(root, m) for m in params["methods"]}
+    paths = {m: dvcrun.method_outputs(root, m) for m in dvcrun.compared_methods(params)}
     metrics = {m: read(str(p["metrics"].relative_to(root))) for m, p in paths.items()}
     references = {}
     for m, p in paths.items():

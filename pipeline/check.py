@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
+from dddm.checkpoint import CheckpointError, load_model
 from dddm.config import Config
+from dddm.finetune import InitialisationError, check_compatible
+from dddm.methods import METHODS
 
 from .common import start
 
@@ -32,11 +35,35 @@ def environment_problems(cfg: Config) -> list[str]:
             pass
     except OSError as e:
         problems.append(f"train.checkpoint_dir: {directory} is not a writable directory ({e.strerror})")
-    for name in cfg.methods:
+    for name in cfg.compared:
         store = getattr(cfg.method_config(name), "store", None)
         if store is not None and store.directory and not os.access(Path(store.directory).parent, os.W_OK):
             problems.append(f"method.{name}.store.directory: {store.directory} cannot be created here")
+    problems += finetune_problems(cfg)
     return problems
+
+
+def finetune_problems(cfg: Config) -> list[str]:
+    """`finetune.init_from` is a model this run's train stage writes, or an existing compatible model file."""
+    ft = cfg.finetune
+    if not ft.methods:
+        return []
+    path = Path(ft.init_from)
+    producer = next((m for m in METHODS if path == Path(f"out/train/{m}/model.pt")), None)  # dvc.yaml's train outs
+    if producer in cfg.methods:
+        return []  # the train stage writes it first (a DVC dependency)
+    if not path.is_file():
+        hint = f"; it is the {producer} train stage's model, but {producer} is not in methods (add it to methods, " \
+               f"or name an existing model file)" if producer else ""
+        return [f"finetune.init_from: {path}: model file not found{hint}"]
+    try:
+        trained = load_model(path)
+        for name in ft.methods:
+            check_compatible(cfg, cfg.make_method(name), trained, str(path), cfg.data.image_size,
+                             trained.dataset["channels"])
+    except (CheckpointError, InitialisationError, ValueError) as e:
+        return [str(e) if isinstance(e, InitialisationError) else f"finetune.init_from: {e}"]
+    return []
 
 
 def main() -> None:
@@ -46,7 +73,7 @@ def main() -> None:
         sys.exit("check: invalid parameters\n" + "\n".join(problems))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("params.yaml is valid\n")
-    print(f"check: params valid; methods {', '.join(cfg.methods)}")
+    print(f"check: params valid; methods {', '.join(cfg.compared)}")
 
 
 if __name__ == "__main__":

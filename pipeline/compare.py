@@ -1,9 +1,13 @@
 """Stage compare: every method's scores and sample grids side by side -> <out>/table.md (the README's
-first table), <out>/grids.png (the samples of each method and step count, labelled), and the data of
-dvc.yaml's plots: <out>/fid_by_nfe.tsv (FID per method against network evaluations) and
-<out>/precision_recall.tsv (each method and step count as a point in the precision-recall plane); and
-<headline>, a metrics file of one FID per method and row (the columns `python -m pipeline.exp show` keeps)."""
+first table, with the training images behind each row), <out>/grids.png (the samples of each method and
+step count, labelled), <out>/learning_curves.png (fid_classifier while each method trained), and the data
+of dvc.yaml's plots: <out>/fid_by_nfe.tsv (FID per method against network evaluations),
+<out>/learning_curves.tsv (each method's fewest-step curve against training images), the same two for the
+fine-tuned methods (*_finetuned.tsv), and <out>/precision_recall.tsv (each method and step count as a point
+in the precision-recall plane); and <headline>, a metrics file of one FID per method and row (the columns
+`python -m pipeline.exp show` keeps)."""
 
+import csv
 import json
 
 from PIL import Image, ImageDraw
@@ -16,24 +20,74 @@ TITLES = {"fid": "FID", "classes": "classes >= 3%"}  # the rest are shown under 
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
-    """Markdown: one line per (name, steps, numbers)."""
+    """Markdown: one line per (name, steps, numbers); `images` in numbers: the training images behind the row."""
     keys = [(k, TITLES.get(k, k)) for k in HEADLINE if any(k in numbers for _, _, numbers in rows)]
-    lines = ["| method | sampling | network evaluations | " + " | ".join(t for _, t in keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
+    lines = ["| method | sampling | network evaluations | training images | " + " | ".join(t for _, t in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
     for name, sampling, numbers in rows:
         cells = [f"{numbers[k]:.3g}" if isinstance(numbers.get(k), float) else str(numbers.get(k, ""))
                  for k, _ in keys]
-        lines.append(f"| {name} | {sampling} | {numbers.get('nfe', '')} | " + " | ".join(cells) + " |")
+        images = f"{numbers['images']:,}" if "images" in numbers else ""
+        lines.append(f"| {name} | {sampling} | {numbers.get('nfe', '')} | {images} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def method_label(report: dict) -> str:
+    """The method's name, and where its training started when it was fine-tuned."""
+    init = report["init"]
+    return report["method"] if init is None else \
+        f"{report['method']} (from {init['method']}'s model, {init['images']:,} images)"
+
+
+def read_curve(path) -> tuple[list[int], list[dict]]:
+    """A train stage's curve.tsv: the step counts it follows (from its `fid_classifier_<k>step` columns), its points."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        points = [{k: float(v) for k, v in row.items()} for row in reader]
+    steps = [int(k[len("fid_classifier_"):-len("step")]) for k in reader.fieldnames or () if k.startswith("fid_classifier_")]
+    return steps, points
+
+
+def curves_tsv(curves: dict[str, tuple[list[int], list[dict]]]) -> str:
+    """Each method's fewest-step fid_classifier against training images."""
+    fid = {(name, int(row["images"])): row[f"fid_classifier_{steps[0]}step"]
+           for name, (steps, rows) in curves.items() for row in rows}
+    return wide_tsv("images", fid, list(curves))
+
+
+def plot_curves(curves: dict[str, tuple[list[int], list[dict]]], path) -> None:
+    """fid_classifier against training images, a line per method and followed row (2-step dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for i, (name, (steps, rows)) in enumerate(curves.items()):
+        for s, style in zip(steps, ("-", "--")):
+            ax.plot([r["images"] for r in rows], [r[f"fid_classifier_{s}step"] for r in rows], style, marker="o",
+                    markersize=3, color=f"C{i}", label=f"{name} {s}-step")
+    ax.set_xlabel("training images (a fine-tuned method's include its initialisation's)")
+    ax.set_ylabel("fid_classifier (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def wide_tsv(x: str, values: dict[tuple[str, int], float], columns: list[str]) -> str:
+    """TSV: one line per x value, one column per name in `columns` (empty where it has no value)."""
+    lines = ["\t".join([x, *columns])]
+    for at in sorted({at for name, at in values if name in columns}):
+        lines.append("\t".join([str(at), *(f"{values[m, at]:.6g}" if (m, at) in values else "" for m in columns)]))
     return "\n".join(lines) + "\n"
 
 
 def fid_by_nfe(rows: list[tuple[str, str, dict]], methods: list[str]) -> str:
-    """TSV: one line per network-evaluation count, one FID column per method (empty where it has no row)."""
-    fid = {(name, numbers["nfe"]): numbers[fid_name(numbers)] for name, _, numbers in rows}
-    lines = ["\t".join(["nfe", *methods])]
-    for nfe in sorted({nfe for name, nfe in fid if name in methods}):
-        lines.append("\t".join([str(nfe), *(f"{fid[m, nfe]:.6g}" if (m, nfe) in fid else "" for m in methods)]))
-    return "\n".join(lines) + "\n"
+    """One FID column per method against network evaluations."""
+    return wide_tsv("nfe", {(name, numbers["nfe"]): numbers[fid_name(numbers)] for name, _, numbers in rows}, methods)
 
 
 def headline_fids(real: dict, trained: list[tuple[str, str, dict]]) -> dict:
@@ -69,25 +123,34 @@ def labelled_grids(items: list[tuple[str, Image.Image]]) -> Image.Image:
 
 def main() -> None:
     cfg, args = start("compare", __doc__, scores="the score stages' directory (one sub-directory per method)",
-                      samples="the sample stages' directory", real="the real-data row's metrics JSON",
-                      out="the directory for table.md, grids.png and the plots' TSV files",
+                      samples="the sample stages' directory", runs="the train stages' directory (curve.tsv)",
+                      real="the real-data row's metrics JSON",
+                      out="the directory for table.md, grids.png, learning_curves.png and the plots' TSV files",
                       headline="the headline metrics JSON (one FID per method and row)")
     real = json.loads(args.real.read_text())["real"]
     rows, trained = [("real digits (held out)", "-", real | {"nfe": 0})], []
-    grids = []
-    for name in cfg.methods:
+    grids, curves = [], {}
+    for name in cfg.compared:
         report = json.loads((args.scores / name / "report.json").read_text())
+        label = method_label(report)
         method_rows = [(name, f"{row['steps']}-step", row) for row in report["rows"]]
         grids += [(f"{name} {sampling}", Image.open(args.samples / name / f"{sampling}.png"))
                   for _, sampling, _ in method_rows]
         trained += method_rows
-        rows += method_rows
+        rows += [(label, sampling, row | {"images": report["images"]}) for _, sampling, row in method_rows]
         if "untrained" in report:
             rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
+        steps, points = read_curve(args.runs / name / "curve.tsv")
+        if points:
+            curves[name] = (steps, points)
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     (args.out / "table.md").write_text(text)
-    (args.out / "fid_by_nfe.tsv").write_text(fid_by_nfe(trained, cfg.methods))
+    for suffix, names in (("", cfg.methods), ("_finetuned", cfg.finetune.methods)):
+        (args.out / f"fid_by_nfe{suffix}.tsv").write_text(fid_by_nfe(trained, list(names)))
+        (args.out / f"learning_curves{suffix}.tsv").write_text(
+            curves_tsv({m: curves[m] for m in names if m in curves}))
+    plot_curves(curves, args.out / "learning_curves.png")
     (args.out / "precision_recall.tsv").write_text(precision_recall(rows[:1] + trained))
     labelled_grids(grids).save(args.out / "grids.png")
     args.headline.write_text(json.dumps(headline_fids(real, trained), indent=2) + "\n")

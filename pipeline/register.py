@@ -24,7 +24,7 @@ def main() -> None:
                       out="the JSON file of what was registered")
     registered = {}
     if cfg.tracking.register_models:
-        for method in cfg.methods:
+        for method in cfg.compared:
             metrics = json.loads((args.scores / method / "metrics.json").read_text())
             reference = json.loads((args.runs / method / "mlflow_run.json").read_text())
             metric = fid_key(metrics)

@@ -66,7 +66,10 @@ def main() -> None:
     def evaluate(images: np.ndarray, name: str) -> dict:
         return evaluate_samples(images, args.reference, args.classifier, cfg.score, device, name)
 
-    report: dict = {"method": method.name, "rows": []}
+    # what the rows cost: the training images behind the model (its initialisation's included) and where it started
+    report: dict = {"method": method.name, "images": trained.images,
+                    "init": {k: trained.init[k] for k in ("path", "method", "images")} if trained.init else None,
+                    "rows": []}
     try:
         for steps, path in paths.items():
             row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(np.load(path)["images"], str(path))

@@ -1,8 +1,9 @@
-"""Stage train: one method, under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train` (or plain python).
+"""Stages train and finetune: one method, under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train`
+(or plain python), from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from`.
 
 Writes <out>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
-step's loss terms and schedule values, the step count), loss.tsv and mlflow_run.json (the MLflow
-run that sample and score log into). Checkpoints and the x0 store live in
+step's loss terms and schedule values, the step count), loss.tsv, curve.tsv (the learning curve, every
+train.eval_every epochs) and mlflow_run.json (the MLflow run that sample and score log into). Checkpoints and the x0 store live in
 <train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an interrupted `dvc repro` resumes.
 """
 
@@ -10,20 +11,24 @@ import json
 from pathlib import Path
 
 from dddm import checkpoint, distributed, runlock
+from dddm.curves import LearningCurve
 from dddm.data import PreparedDataset
+from dddm.finetune import InitialisationError, load_initialisation
 from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference
 from dddm.training import TrainingDiverged, run_directory, train, write_history
 
 from .common import start
 
 
-def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> MlflowTracker:
+def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init) -> MlflowTracker:
     """Rank 0's MLflow run; a resumed training run keeps logging into the run it started."""
     run_file = run_dir / "mlflow_run.json"
     resuming = run_file.exists() and cfg.train.resume == "auto" and checkpoint.latest(run_dir) is not None
     shape = (info.channels, info.image_size, info.image_size)
-    params = cfg.model_dump(mode="json", exclude={"method", "methods"}) | \
+    params = cfg.model_dump(mode="json", exclude={"method", "methods", "finetune"}) | \
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
+    if init is not None:
+        params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods"}) | {"init": init.describe()}
     process = getattr(cfg.method_config(method.name), "process", None)
     run_name = "-".join(filter(None, [method.name, process, info.source, run_dir.name.rsplit("-", 1)[-1][:8]]))
     tracker = MlflowTracker(cfg.tracking.experiment, params,
@@ -39,21 +44,36 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> Ml
 
 def main() -> None:
     cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
-                      out="the directory for model.pt, loss.tsv, train_metrics.json, train_info.json and "
-                          "mlflow_run.json")
-    world = distributed.init(cfg.train.device)
+                      classifier="the scoring classifier (learning curves)",
+                      out="the directory for model.pt, loss.tsv, curve.tsv, train_metrics.json, train_info.json "
+                          "and mlflow_run.json")
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)
-    run_dir = run_directory(cfg, method.name, info.fingerprint)
+    try:  # before anything starts: a model file that does not fit stops the stage, naming the key
+        init = load_initialisation(cfg, method, info.image_size, info.channels) if cfg.finetuned(method.name) else None
+    except InitialisationError as e:
+        raise SystemExit(f"train: {e}")
+    world = distributed.init(cfg.train.device)
+    run_dir = run_directory(cfg, method.name, info.fingerprint, init)
+    shape = (info.channels, info.image_size, info.image_size)
+    try:
+        curve = LearningCurve(method, shape, run_dir, args.classifier, cfg.score, cfg.train.eval_samples,
+                              world.device) if cfg.train.eval_every else None
+    except ValueError as e:
+        raise SystemExit(f"train: {e}")
     tracker = None
     try:
         runlock.acquire(run_dir, world)  # before the MLflow run; held until this process exits
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device)
-        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker)
+            tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device, init)
+        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker, init=init, curve=curve)
         if tracker:
             write_history(result.history_path, args.out / "loss.tsv", method.terms)
+            if curve is not None:
+                curve.write_tsv(args.out / "curve.tsv")
+            else:  # train.eval_every 0: no points, the file DVC expects
+                (args.out / "curve.tsv").write_text("epoch\timages\n")
             tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
             write_run_reference(args.out / "mlflow_run.json", tracker.run_id)

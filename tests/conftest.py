@@ -35,7 +35,8 @@ TINY = {
               "dropout": 0.0, "num_heads": 2},
     # VP here, so that -S method.udddm.process=ve is a real switch
     "method": {"udddm": {"process": "vp", "processes": {"vp": {"T": 100}, "ve": {"T": 100}}}},
-    "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0},
+    "train": {"epochs": 1, "batch_size": 256, "checkpoint_every": 0, "eval_every": 1, "eval_samples": 160},
+    "finetune": {"epochs": 1},
     "sampler": {"edm": {"steps": [4]}},
     "sample": {"num_samples": 160, "batch_size": 160},
     "score": {"classifier_epochs": 1, "batch_size": 512},

@@ -364,12 +364,14 @@ def test_study_points_become_one_comparison_table():
 
     grid = points_grid(STUDY_POINTS)
     assert list(grid) == ["method.udddm.process", "method.udddm.processes.ve.sigma_max",
-                          "method.udddm.estimates_from", "method.udddm.n_counts"]
-    assert grid["method.udddm.process"] == [None, "vp", None, None, None]
+                          "method.udddm.estimates_from", "method.udddm.n_counts", "methods", "finetune.methods",
+                          "train.epochs"]
+    assert grid["method.udddm.process"] == [None, "vp"] + [None] * (len(STUDY_POINTS) - 2)
     metrics = {"udddm": {"nfe1": {"fid_classifier": 1469.0, "precision": 0.01, "recall": 0.0}}}
     rows = [(point, {"metrics": metrics, "experiment": f"e{i}"}) for i, point in enumerate(STUDY_POINTS)]
     rows[3] = (STUDY_POINTS[3], None)  # a failed point
     table = comparison_table(grid, rows, "udddm/nfe1/fid_classifier", rows[0][1])
     lines = table.splitlines()
-    assert len(lines) == 2 + len(STUDY_POINTS) and lines[2].startswith("| **best** | null | null | null | null | 1469")
+    assert len(lines) == 2 + len(STUDY_POINTS)
+    assert lines[2].startswith("| **best** | null | null | null | null | null | null | null | 1469")
     assert '| "data" |' in lines[5] and lines[5].startswith("| failed |")

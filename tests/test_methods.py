@@ -9,6 +9,7 @@ from conftest import repo_params
 from dddm.config import merge_params, parse_config
 from dddm.methods import EDM, ICT, METHODS, UDDDM, Progress
 from dddm.methods.edm import precondition
+from dddm.methods.ect import ect_r, ect_stage
 from dddm.methods.ict import discretisation_steps, index_probabilities
 from dddm.processes import karras_sigmas
 from dddm.rng import (STREAM_SAMPLE_ESTIMATE, STREAM_SAMPLE_PRIOR, STREAM_TRAIN_NOISE, normal_per_index,
@@ -198,9 +199,10 @@ def test_ict_loss_matches_the_formula():
     assert out.total.item() == pytest.approx((d / (sigmas[i + 1] - sigmas[i])).mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("name", ["ict", "ect"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_ict_consistency_sampler_reproduces_gaussian_data(steps):
-    m = make("ict")
+def test_consistency_samplers_reproduce_gaussian_data_with_an_ideal_consistency_function(name, steps):
+    m = make(name)
     out = sample(m, IdealNet(ideal_consistency(0.002), 0.5, 0.002), 2000, (1, 2, 2), steps, batch_size=2000)
     assert out.mean().item() == pytest.approx(MU, abs=0.01)
     assert out.std().item() == pytest.approx(S, rel=0.04)
@@ -225,8 +227,75 @@ def test_samples_depend_on_seed_and_index_not_on_batch_size(name):
 
 
 def test_registry_and_interfaces():
-    assert set(METHODS) == {"udddm", "ict", "edm"}
-    assert METHODS["udddm"].uses_store and not METHODS["ict"].uses_store and not METHODS["edm"].uses_store
-    assert make("ict").conditioning == "none" and make("edm").conditioning == "none"
+    assert set(METHODS) == {"udddm", "ict", "edm", "ect"}
+    assert METHODS["udddm"].uses_store and not any(METHODS[m].uses_store for m in ("ict", "edm", "ect"))
+    assert all(make(m).conditioning == "none" for m in ("ict", "edm", "ect"))
     assert make("udddm").conditioning == "cross_attention"
     assert isinstance(make("edm"), EDM) and isinstance(make("ict"), ICT) and isinstance(make("udddm"), UDDDM)
+
+
+# ------------------------------------------------------------------------------------------ ECT
+
+def test_ect_stages_and_r_schedule_follow_the_formulas():
+    # 8 equal stages over 800 steps
+    assert [ect_stage(k, 800, 8) for k in (0, 99, 100, 450, 799)] == [0, 0, 1, 4, 7]
+    t = torch.tensor([0.001, 0.05, 0.5, 2.0, 80.0])
+    for stage in (0, 3, 7):
+        n = 1 + 8 * torch.sigmoid(-1.0 * t)
+        expected = torch.clamp(t * (1 - n / 2.0 ** (stage + 1)), min=0)
+        assert torch.allclose(ect_r(t, stage, 2.0, 8.0, 1.0), expected)
+    # stage 0: every t below about 1.6 has r = 0 (the denoising loss); the gap shrinks each stage
+    assert (ect_r(t[:3], 0, 2.0, 8.0, 1.0) == 0).all()
+    gaps = [(t - ect_r(t, s, 2.0, 8.0, 1.0))[-1].item() for s in range(8)]
+    assert all(a > b for a, b in zip(gaps, gaps[1:]))
+
+
+class LinearDropoutNet(torch.nn.Module):
+    """F = dropout(x_in) * w: outputs depend on the dropout mask and on x in closed form."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.3))
+        self.p = p
+
+    def forward(self, est, x_in, label):
+        return torch.nn.functional.dropout(x_in, self.p, training=True) * self.w
+
+
+def test_ect_loss_matches_the_formula_with_the_same_dropout_mask_in_both_calls():
+    m = make("ect")
+    x0, idx = torch.rand(6, 1, 4, 4) * 2 - 1, torch.arange(6)
+    net = LinearDropoutNet()
+    torch.manual_seed(3)
+    out = m.loss(net, x0, idx, Progress(0, 700, 800))  # stage 7: most t have r > 0
+    assert out.terms["stage"] == 7
+    # by hand, from the same draws and the same mask
+    u, eps = uniform_and_noise_per_index(idx, (1, 4, 4), 0, STREAM_TRAIN_NOISE, 0)
+    t = (-1.1 + 2.0 * torch.special.ndtri(u)).exp().float().view(-1, 1, 1, 1)
+    r = ect_r(t, 7, 2.0, 8.0, 1.0)
+    torch.manual_seed(3)
+    mask = torch.nn.functional.dropout(torch.ones(6, 1, 4, 4), 0.5, training=True)
+
+    def D(x, s):  # EDM's denoiser with F = mask * c_in x * w
+        c_skip, c_out, c_in = 0.25 / (s ** 2 + 0.25), s * 0.5 / (s ** 2 + 0.25).sqrt(), 1 / (s ** 2 + 0.25).sqrt()
+        return c_skip * x + c_out * mask * c_in * x * 0.3
+
+    target = torch.where(r == 0, x0, D(x0 + r * eps, torch.where(r == 0, t, r)))
+    d = (D(x0 + t * eps, t) - target).flatten(1).square().sum(1).sqrt()
+    assert out.total.item() == pytest.approx((d / (t - r).flatten()).mean().item(), rel=1e-4)
+    assert out.terms["r_zero"] == pytest.approx((r == 0).float().mean().item())
+    # the target call drew no fresh mask: the next draw is the one after a single network call
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    torch.nn.functional.dropout(torch.ones(6, 1, 4, 4), 0.5, training=True)
+    assert torch.equal(after, torch.rand(1))
+
+
+def test_ect_target_gets_no_gradient_and_c_switches_to_pseudo_huber():
+    x0, idx = torch.rand(4, 1, 4, 4) * 2 - 1, torch.arange(4)
+    net = LinearDropoutNet(p=0.0)
+    plain = make("ect").loss(net, x0, idx, Progress(0, 700, 800))
+    huber = make("ect", huber_c=0.03).loss(net, x0, idx, Progress(0, 700, 800))
+    assert huber.total.item() < plain.total.item()  # sqrt(d^2 + c^2) - c < d
+    plain.total.backward()
+    assert net.w.grad is not None and net.w.grad.item() != 0

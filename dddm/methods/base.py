@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field, PositiveInt
 
+from .. import performance
 from ..schema import Section
 
 
@@ -47,6 +48,7 @@ class Method(ABC):
     SamplerConfig: type[SamplerConfig] = SamplerConfig
     uses_store = False  # keeps a per-sample x0 estimate across training (the store is opened only then)
     terms: tuple[str, ...] = ()  # the names of LossOutput.terms, in log order
+    starts_from: tuple[str, ...] = ()  # the methods whose models it can be fine-tuned from (finetune.init_from)
 
     def __init__(self, cfg: Section, sampler: SamplerConfig, seed: int):
         self.cfg = cfg
@@ -57,6 +59,10 @@ class Method(ABC):
     def conditioning(self) -> str:
         """How the network takes an x0 estimate: 'none' for methods without one."""
         return "none"
+
+    def make_optimizer(self, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+        """Adam (fused where PyTorch has the kernel): every method's optimizer unless its paper says otherwise."""
+        return performance.adam(params, lr, device)
 
     @abstractmethod
     def loss(self, net, x0: torch.Tensor, indices: torch.Tensor, progress: Progress,

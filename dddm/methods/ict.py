@@ -39,6 +39,13 @@ def index_probabilities(sigmas: torch.Tensor, p_mean: float, p_std: float) -> to
     return mass / mass.sum()
 
 
+def check_mid_sigmas(method: str, sigmas: tuple[float, ...], sigma_min: float, sigma_max: float) -> None:
+    """The re-noising levels of a multistep consistency sampler lie strictly inside (sigma_min, sigma_max)."""
+    if any(not sigma_min < s < sigma_max for s in sigmas):
+        raise ValueError(f"sampler.{method}.sigmas: {list(sigmas)} must lie between method.{method}.sigma_min "
+                         f"and method.{method}.sigma_max")
+
+
 class ICT(Method):
     name = "ict"
     terms = ("levels",)
@@ -74,9 +81,7 @@ class ICT(Method):
 
     def __init__(self, cfg: Config, sampler: SamplerConfig, seed: int):
         super().__init__(cfg, sampler, seed)
-        if any(not cfg.sigma_min < s < cfg.sigma_max for s in sampler.sigmas):
-            raise ValueError(f"sampler.ict.sigmas: {list(sampler.sigmas)} must lie between method.ict.sigma_min "
-                             f"and method.ict.sigma_max")
+        check_mid_sigmas(self.name, sampler.sigmas, cfg.sigma_min, cfg.sigma_max)
 
     def f(self, net, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The consistency function, f(x, sigma_min) = x by construction."""

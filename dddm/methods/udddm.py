@@ -37,6 +37,8 @@ class UDDDM(Method):
     name = "udddm"
     uses_store = True
     terms = ("guide", "iterative", "weight")
+    # a study point (finetune.init_from): the shared U-Net weights of a denoiser, the estimate's input at zero
+    starts_from = ("edm", "ict", "ect", "udddm")
 
     class Config(Section):
         process: str  # a key of dddm.processes.PROCESSES

@@ -1,0 +1,95 @@
+"""Fine-tuning: a method's training starts from another model's weights (params `finetune`).
+
+The model file is checked against what the fine-tuned method and params.yaml expect before any training:
+its method family (`Method.starts_from`), image size and channels, and the U-Net's shape, each mismatch
+named with the key, the file and both values. The weights are copied tensor by tensor; a network with an
+estimate input (uDDDM) gets its new weights so that they add nothing at step 0: the cross-attention's
+output projections at zero, or the concatenated estimate's input channels at zero. So at step 0 the
+network computes what the source network computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import CheckpointError, TrainedModel, load_model
+from .unet import CrossAttention
+
+KEY = "finetune.init_from"
+SHAPE_KEYS = ("base_channels", "channel_mult", "num_blocks", "attn_resolutions", "num_heads")
+
+
+class InitialisationError(ValueError):
+    """The model file to start from is missing, damaged or does not fit; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Initialisation:
+    path: str
+    method: str    # the source model's method
+    images: int    # training images behind the source model (its own initialisation's included)
+    weights_sha256: str
+    state_dict: dict
+
+    def describe(self) -> dict:
+        """What a fine-tuned model file records of where it started (the state dict aside)."""
+        return {"path": self.path, "method": self.method, "images": self.images, "weights_sha256": self.weights_sha256}
+
+
+def check_compatible(cfg, method, trained: TrainedModel, path: str, image_size: int, channels: int) -> None:
+    """Raise InitialisationError naming the first mismatch between the model file and what `method` under
+    `cfg` trains on images of `channels` x `image_size`^2."""
+    source = trained.method.name
+    if source not in method.starts_from:
+        raise InitialisationError(f"{KEY}: {path} holds a {source} model; {method.name} starts from a model of "
+                                  f"{', '.join(method.starts_from)}")
+    have = (trained.dataset["channels"], trained.dataset["image_size"])
+    if have != (channels, image_size):
+        raise InitialisationError(f"{KEY}: {path} was trained on {have[0]}x{have[1]}x{have[1]} images; the prepared "
+                                  f"dataset's are {channels}x{image_size}x{image_size}")
+    for key in SHAPE_KEYS:
+        theirs, ours = getattr(trained.cfg.model, key), getattr(cfg.model, key)
+        if theirs != ours:
+            raise InitialisationError(f"{KEY}: {path} has {key} {_shown(theirs)}, model.{key} is {_shown(ours)}")
+
+
+def _shown(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def load_initialisation(cfg, method, image_size: int, channels: int) -> Initialisation:
+    path = cfg.finetune.init_from
+    try:
+        trained = load_model(path)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        raise InitialisationError(f"{KEY}: {e}") from None
+    check_compatible(cfg, method, trained, path, image_size, channels)
+    state = trained.net.state_dict()
+    return Initialisation(path=str(path), method=trained.method.name, images=trained.images,
+                          weights_sha256=trained.weights_sha256, state_dict=state)
+
+
+@torch.no_grad()
+def initialise(net: torch.nn.Module, init: Initialisation) -> None:
+    """Copy the source weights into `net` (a U-Net of the same shape, with or without an estimate input)."""
+    own = net.state_dict()
+    missing = sorted(set(init.state_dict) - set(own))
+    if missing:
+        raise InitialisationError(f"{KEY}: {init.path} has weights this network lacks: {', '.join(missing[:5])}")
+    for name, source in init.state_dict.items():
+        target = own[name]
+        if target.shape == source.shape:
+            target.copy_(source)
+        elif name == "input_conv.weight" and target.shape[1] == 2 * source.shape[1]:
+            # concat conditioning: the input is [x0_est, x_t]; the estimate's channels start at zero
+            target.zero_()
+            target[:, source.shape[1]:] = source
+        else:
+            raise InitialisationError(f"{KEY}: {init.path}: {name} is {tuple(source.shape)}, this network's is "
+                                      f"{tuple(target.shape)}")
+    for module in net.modules():
+        if isinstance(module, CrossAttention):  # x + proj(attention to the estimate): adds nothing at first
+            torch.nn.init.zeros_(module.proj.weight)
+            torch.nn.init.zeros_(module.proj.bias)

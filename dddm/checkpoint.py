@@ -14,7 +14,6 @@ Resuming takes the newest checkpoint whose files match its manifest and names ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,9 +25,9 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .classifier import file_sha256
 from .config import parse_config
 from .files import atomic_open
+from .integrity import file_sha256, weights_sha256
 from .unet import build_network
 
 log = logging.getLogger(__name__)
@@ -228,15 +227,6 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     if "cuda" in own["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(own["rng"]["cuda"])
     return int(shared["step"])
-
-
-def weights_sha256(state_dict: dict) -> str:
-    """A digest of a state dict's names and tensor bytes: what a model file's own checksum covers."""
-    h = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module) -> None:

@@ -146,6 +146,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
     steps_per_epoch = math.ceil(largest_shard / tc.batch_size)
+    batch = math.ceil(largest_shard / steps_per_epoch)  # epoch_batches' largest: below train.batch_size past the shard
     # Rank 0 verifies the checkpoints; every rank resumes from the one it chose.
     latest = distributed.all_gather_objects(checkpoint.resumable(run_dir, steps_per_epoch)
                                             if tc.resume == "auto" and world.is_main else None)[0]
@@ -161,12 +162,12 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
             history_path.unlink(missing_ok=True)
         _truncate_history(history_path, global_step)
     if world.is_main:
-        log.info("%s: world size %d, per-rank batch %d, global batch %d, %d steps per epoch, store %s",
-                 method.name, world.world_size, tc.batch_size, tc.batch_size * world.world_size, steps_per_epoch,
-                 store.describe() if store is not None else "none")
+        log.info("%s: world size %d, per-rank batch %d (train.batch_size %d, shard %d), global batch %d, %d steps "
+                 "per epoch, store %s", method.name, world.world_size, batch, tc.batch_size, largest_shard,
+                 batch * world.world_size, steps_per_epoch, store.describe() if store is not None else "none")
     tracker.set_tags({"world_size": str(world.world_size), "device": str(world.device),
                       "store_backend": type(store).__name__ if store is not None else "none",
-                      "global_batch": str(tc.batch_size * world.world_size)})
+                      "global_batch": str(batch * world.world_size)})
 
     total_steps = tc.epochs * steps_per_epoch
     saved = latest  # the newest checkpoint this run can go back to

@@ -139,7 +139,9 @@ def expanded_stages(repo: Path) -> dict[str, dict]:
     """dvc.yaml's stages with each method matrix expanded (`train@edm`, ...) and `${item.method}` filled
     in from params.yaml's `methods`: the one place the flows learn the pipeline's paths from."""
     stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    methods = yaml.safe_load((repo / "params.yaml").read_text())["methods"]
+    from dddm.config import read_yaml
+
+    methods = read_yaml((repo / "params.yaml").read_text(), str(repo / "params.yaml"))["methods"]
     out = {}
     for name, stage in stages_.items():
         if "matrix" not in stage:
@@ -199,15 +201,16 @@ def check_sets(params_file: Path, sets: list[str]) -> None:
     key is one it has (`+key` adds one, which the validation then names) and the result validates."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    from dddm.config import parse_config
+    from dddm.config import parse_config, read_yaml
 
-    check_override_keys(yaml.safe_load(params_file.read_text()),
+    check_override_keys(read_yaml(params_file.read_text(), str(params_file)),
                         [s.split("=", 1)[0] for s in sets if not s.startswith(("+", "~"))])
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "params.yaml"
         shutil.copyfile(params_file, copy)
         dvc_apply_overrides(copy, sets)
-        parse_config(yaml.safe_load(copy.read_text()) or {}, f"{params_file.name} with -S {' -S '.join(sets)}")
+        source = f"{params_file.name} with -S {' -S '.join(sets)}"
+        parse_config(read_yaml(copy.read_text(), source) or {}, source)
 
 
 def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from .store.common import fmt_bytes
 from .unet import build_network
 
 # Images per source where the format fixes them; `folder` is counted, a remote folder is unknown.
@@ -31,14 +32,6 @@ PROCESS_OVERHEAD = 500 * 2**20  # a trainer's Python + torch before any tensor (
 TRAINING_COPIES = 5  # weights, gradients, Adam's two moments, EMA
 ACTIVATION_FACTOR = 24  # float32 values kept for backward per feature-map element (norm, conv, SiLU, ...)
 PROBE_BATCH = 2
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1024 or unit == "PB":
-            return f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n:.3g} PB"
 
 
 def fmt_hours(seconds: float) -> str:

@@ -92,23 +92,12 @@ def test_the_check_stage_exits_naming_the_alias_before_expanding_it(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "out" / "check.txt").exists()
 
 
-@pytest.fixture
-def read_only_mount(tmp_path):
-    """A directory that is itself a read-only file system (its parent writable), as in the issue."""
-    directory = tmp_path / "ro"
-    directory.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(directory)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); the /proc/self case above stands in")
-    yield directory
-    subprocess.run(["umount", str(directory)], check=True)
-
-
-def test_a_store_directory_on_a_read_only_mount_is_refused(read_only_mount):
+def test_a_store_directory_on_a_read_only_mount_is_refused(tmpfs):
+    """The issue's trial: the directory itself a read-only mount, its parent writable."""
     from dddm.config import parse_config
     from pipeline.check import environment_problems
 
+    read_only_mount = tmpfs("1m", read_only=True)
     cfg = parse_config(tiny_params(method={"udddm": {"store": {"directory": str(read_only_mount)}}}))
     assert environment_problems(cfg) == [f"method.udddm.store.directory: {read_only_mount} is not a writable "
                                          f"directory (Read-only file system)"]

@@ -274,6 +274,42 @@ def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module) -> N
                  "state_dict": state, "weights_sha256": weights_sha256(state)}, path)
 
 
+# train.* keys that do not change the trained network
+NOT_TRAINING = ("resume", "device", "keep_checkpoints")
+
+
+def training_identity(cfg, method: str) -> dict:
+    """The params that make a trained network what it is (run directories are named by their hash; a
+    model file's are compared with the params a later stage reads)."""
+    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
+    identity["train"] = {k: v for k, v in identity["train"].items() if k not in NOT_TRAINING}
+    identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
+    return identity
+
+
+def params_differences(trained: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: trained value, now value` for each flattened key whose values differ (keys of `trained`)."""
+    out = []
+    for key, value in trained.items():
+        name, other = f"{prefix}{key}", current.get(key) if isinstance(current, dict) else None
+        if isinstance(value, dict):
+            out += params_differences(value, other if isinstance(other, dict) else {}, name + ".")
+        elif value != other:
+            out.append(f"{name}: {value!r} in the model, {other!r} now")
+    return out
+
+
+def check_trained_with(trained: TrainedModel, cfg, path: Path, where: str) -> None:
+    """CheckpointError unless the model at `path` was trained with the params `cfg` holds (`where`
+    names them): a model trained with other params than those recorded for it (dvc.lock) is never
+    sampled or scored under their name."""
+    differences = params_differences(training_identity(trained.cfg, trained.method.name),
+                                     training_identity(cfg, trained.method.name))
+    if differences:
+        raise CheckpointError(f"{path}: was trained with other params than {where} holds ({'; '.join(differences)}); "
+                              f"retrain it (`dvc repro -f train@{trained.method.name}`) or set the params back")
+
+
 @dataclass
 class TrainedModel:
     net: torch.nn.Module  # in eval mode

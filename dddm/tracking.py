@@ -6,6 +6,7 @@ directory, so `mlflow ui` there shows the runs with no server set up.
 
 from __future__ import annotations
 
+import collections
 import getpass
 import hashlib
 import json
@@ -268,13 +269,13 @@ class MlflowTracker:
                 # keyed with the epoch as step: the run page's image panel gets a slider over epochs
                 if not self._call("image", self.client.log_image, self.run_id, image_grid(images),
                                   key=f"ema_{steps}step", step=epoch + 1):
-                    self.not_logged.append(f"the {steps}-step grid of epoch {epoch + 1}")
+                    self.not_logged.append("sample grid")
 
     def incomplete(self) -> str | None:
         """What the run lacks because the server was away (None when nothing): for mlflow_run.json."""
         lost = [f"{len(self._pending)} queued metrics"] if self._pending else []
         lost += [f"{self.dropped_metrics} dropped metrics"] if self.dropped_metrics else []
-        lost += self.not_logged
+        lost += [what if n == 1 else f"{n} x {what}" for what, n in collections.Counter(self.not_logged).items()]
         return f"not logged to {self.uri} (unreachable): " + ", ".join(lost) if lost else None
 
     def log_dataset(self, path: Path, name: str, fingerprint: str) -> None:

@@ -65,9 +65,7 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
 def run_directory(cfg: Config, method: str, fingerprint: str) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration and
     dataset, so `resume: auto` never continues a run of other parameters."""
-    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
-    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device", "keep_checkpoints")}
-    identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
+    identity = checkpoint.training_identity(cfg, method)
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 

@@ -225,6 +225,54 @@ def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
     return sets
 
 
+class RepositoryBusy(RuntimeError):
+    """Another DVC operation holds the repository."""
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dvc_holders(repo: Path) -> list[str]:
+    """The DVC operations in `repo` now, as 'pid N: command'. DVC holds its repository lock
+    (`.dvc/tmp/lock`) between stages but releases it while a stage's command runs; the running stage's
+    paths are then in `.dvc/tmp/rwlock` with its pid. Both are read, neither is taken or written."""
+    import zc.lockfile
+
+    tmp, holders = repo / ".dvc" / "tmp", []
+    if (tmp / "lock").is_file():
+        try:
+            zc.lockfile.SimpleLockFile(str(tmp / "lock")).close()  # does not write: the holder's pid stays
+        except zc.lockfile.LockError:
+            holders.append(f"pid {(tmp / 'lock').read_text().strip() or 'unknown'}: holds .dvc/tmp/lock")
+    try:
+        rwlock = json.loads((tmp / "rwlock").read_text())
+    except (OSError, ValueError):
+        rwlock = {}
+    entries = [*(rwlock.get("write") or {}).values(), *(e for v in (rwlock.get("read") or {}).values() for e in v)]
+    for entry in entries:
+        if isinstance(entry, dict) and _alive(entry.get("pid")):
+            holders.append(f"pid {entry['pid']}: {entry.get('cmd', '')}"[:200])
+    return list(dict.fromkeys(holders))
+
+
+def refuse_if_busy(repo: Path) -> None:
+    """RepositoryBusy naming the holder when another DVC operation (a `dvc repro`, `dvc exp run`, ...) is at
+    work in the repository. Called before anything writes params.yaml: `dvc exp run` rewrites it before it
+    finds the repository busy, and the running operation then records those params for outputs made
+    with others (README, Known issues)."""
+    holders = dvc_holders(repo)
+    if holders:
+        raise RepositoryBusy(f"another DVC operation is at work in {repo.resolve()} ({'; '.join(holders)}); "
+                             f"nothing was changed: start the experiment when it has finished")
+
+
 def has_commit(repo: Path) -> bool:
     return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo,
                           capture_output=True).returncode == 0

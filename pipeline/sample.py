@@ -4,13 +4,13 @@ Samples are written batch by batch as they are generated: memory holds one batch
 
 import torch
 
-from dddm.checkpoint import CheckpointError, load_model
+from dddm.checkpoint import CheckpointError, check_trained_with, load_model
 from dddm.distributed import resolve_device
 from dddm.integrity import save_samples
 from dddm.pixels import save_grid, to_uint8
 from dddm.sampling import sample_batches
 
-from .common import start
+from .common import PARAMS, start
 
 GRID_IMAGES = 64  # as many as dddm.pixels.image_grid shows
 
@@ -21,6 +21,7 @@ def main() -> None:
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)
+        check_trained_with(trained, cfg, args.model, PARAMS)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"sample: {e}")
     method = trained.with_sampler(cfg)

@@ -299,3 +299,16 @@ def test_an_unfinished_checkpoint_directory_is_removed_at_the_next_start(runs, t
     (run_dir / "ckpt-000000009.tmp" / "train_state.pt").write_bytes(b"part of a file")
     assert checkpoint.resumable(run_dir, STEPS_PER_EPOCH) == run_dir / "ckpt-000000008"
     assert not (run_dir / "ckpt-000000009.tmp").exists()
+
+
+def test_a_model_trained_with_other_params_than_the_current_is_not_sampled_under_them(runs):
+    """What guards the scores when dvc.lock records params a model was not trained with (an experiment
+    that rewrote params.yaml during a run): the sample stage compares the model's params with them."""
+    path = runs.half.parent / "half-out" / "model.pt"
+    trained = checkpoint.load_model(path)
+    same = config(runs.policy, 1, device="cpu", keep_checkpoints=5)  # keys that do not change the network
+    checkpoint.check_trained_with(trained, same, path, "params.yaml")
+    with pytest.raises(CheckpointError, match=rf"^{path}: was trained with other params than params.yaml holds "
+                                              r"\(train.lr: 0.0002 in the model, 0.0005 now\); retrain it "
+                                              r"\(`dvc repro -f train@udddm`\)"):
+        checkpoint.check_trained_with(trained, config(runs.policy, 1, lr=5e-4), path, "params.yaml")

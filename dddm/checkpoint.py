@@ -204,9 +204,10 @@ def _write(obj, path: Path, step: int) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         free = shutil.disk_usage(path.parent.parent).free
-        raise CheckpointError(f"{path}: writing the checkpoint of step {step} failed ({reason}); {fmt_bytes(free)} free "
-                              f"there, the file needs about {fmt_bytes(_tensor_bytes(obj))}; the older checkpoints are "
-                              f"kept: free space (or set train.checkpoint_dir) and rerun to resume") from None
+        raise CheckpointError(f"{path}: writing the checkpoint of step {step} failed ({reason}); "
+                              f"{fmt_bytes(free)} free there, the file needs about {fmt_bytes(_tensor_bytes(obj))}; "
+                              f"the older checkpoints are kept: free space (or set train.checkpoint_dir) and rerun to "
+                              f"resume") from None
 
 
 def remove_unfinished(run_dir: Path) -> None:

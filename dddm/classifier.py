@@ -197,10 +197,11 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable classifier file ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
+    remedy = RETRAIN.format(path=path)
     if "weights_sha256" not in payload:
-        raise IntegrityError(f"{path}: has no checksum of its weights (written by an older version); {RETRAIN.format(path=path)}")
+        raise IntegrityError(f"{path}: has no checksum of its weights (written by an older version); {remedy}")
     if weights_sha256(payload["state_dict"]) != payload["weights_sha256"]:
-        raise IntegrityError(f"{path}: the weights do not match the file's checksum (the file was damaged); {RETRAIN.format(path=path)}")
+        raise IntegrityError(f"{path}: the weights do not match the file's checksum (the file was damaged); {remedy}")
     model = SmallClassifier(**payload["arch"])
     model.load_state_dict(payload["state_dict"])
     model.meta = dict(payload.get("meta", {}))

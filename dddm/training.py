@@ -144,7 +144,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
     steps_per_epoch = math.ceil(largest_shard / tc.batch_size)
-    batch = math.ceil(largest_shard / steps_per_epoch)  # epoch_batches' largest: below train.batch_size past the shard
+    # the largest of epoch_batches' batches: the shard itself when train.batch_size exceeds it
+    batch = math.ceil(largest_shard / steps_per_epoch)
     # Rank 0 verifies the checkpoints; every rank resumes from the one it chose.
     latest = distributed.all_gather_objects(checkpoint.resumable(run_dir, steps_per_epoch)
                                             if tc.resume == "auto" and world.is_main else None)[0]

@@ -444,7 +444,8 @@ def test_samples_are_written_batch_by_batch_and_a_damaged_file_is_named(tmp_path
     save_samples([images], 10, path)
     with np.load(path) as z:
         digest = z["images_sha256"]
-    np.savez(path, images=images ^ np.eye(1, images.size, 7, dtype=np.uint8).reshape(images.shape), images_sha256=digest)
+    one_changed = images ^ np.eye(1, images.size, 7, dtype=np.uint8).reshape(images.shape)
+    np.savez(path, images=one_changed, images_sha256=digest)
     with pytest.raises(IntegrityError, match=f"^{path}: the images do not match the file's checksum"):
         load_samples(path, "rerun")
     with pytest.raises(ValueError, match="9 samples written, 10 expected"):

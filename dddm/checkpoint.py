@@ -14,7 +14,6 @@ Resuming takes the newest checkpoint whose files match its manifest and names ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,9 +25,10 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .classifier import file_sha256
 from .config import parse_config
 from .files import atomic_open
+from .integrity import file_sha256, weights_sha256
+from .store.common import fmt_bytes
 from .unet import build_network
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ def resumable(run_dir: Path, steps_per_epoch: int) -> Path | None:
     """The newest checkpoint in run_dir that verifies; each newer one is skipped with a warning naming
     it and why. None when there is none (training starts from step 0). A CheckpointError when the
     newest verifying checkpoint cannot be resumed consistently (its Arrow estimates may be gone)."""
+    remove_unfinished(run_dir)
     skipped: list[Path] = []
     for ckpt in reversed(complete(run_dir)):
         try:
@@ -173,8 +174,7 @@ def _prune(run_dir: Path, keep: int) -> None:
     done = complete(run_dir)
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in run_dir.glob("ckpt-*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    remove_unfinished(run_dir)
 
 
 def _rng_state() -> dict:
@@ -184,20 +184,57 @@ def _rng_state() -> dict:
     return state
 
 
+def _tensor_bytes(obj) -> int:
+    """The bytes of every tensor in a nest of dicts, lists and tuples: about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _write(obj, path: Path, step: int) -> None:
+    """atomic_save, a failure (disk full, an I/O error) turned into one line naming the file and the
+    space it needs; the partial file is gone (atomic_open) and the unfinished directory is removed."""
+    try:
+        atomic_save(obj, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        shutil.rmtree(path.parent, ignore_errors=True)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        free = shutil.disk_usage(path.parent.parent).free
+        raise CheckpointError(f"{path}: writing the checkpoint of step {step} failed ({reason}); "
+                              f"{fmt_bytes(free)} free there, the file needs about {fmt_bytes(_tensor_bytes(obj))}; "
+                              f"the older checkpoints are kept: free space (or set train.checkpoint_dir) and rerun to "
+                              f"resume") from None
+
+
+def remove_unfinished(run_dir: Path) -> None:
+    """Remove the `ckpt-*.tmp` directories an interrupted write left (a crash, a full disk)."""
+    for tmp in run_dir.glob("ckpt-*.tmp"):
+        log.info("removing %s, an unfinished checkpoint of an earlier run", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store, keep: int) -> Path:
     final = run_dir / f"ckpt-{step:09d}"
     tmp = run_dir / f"ckpt-{step:09d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    atomic_save({"world_size": world.world_size, "rng": _rng_state(),
-                 "store": store.state_dict() if store is not None else None},
-                tmp / f"rank{world.rank}.pt")
+    _write({"world_size": world.world_size, "rng": _rng_state(),
+            "store": store.state_dict() if store is not None else None}, tmp / f"rank{world.rank}.pt", step)
     if world.is_main:
-        atomic_save({"step": step, "world_size": world.world_size, "model": net.state_dict(),
-                     "ema": ema.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                    tmp / TRAIN_STATE)
+        _write({"step": step, "world_size": world.world_size, "model": net.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / TRAIN_STATE, step)
     distributed.barrier()
     if world.is_main:
-        _write_manifest(tmp, step, world.world_size, store.backend if store is not None else "none")
+        try:
+            _write_manifest(tmp, step, world.world_size, store.backend if store is not None else "none")
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{tmp / MANIFEST}: writing the checkpoint of step {step} failed ({e.strerror}); "
+                                  f"{fmt_bytes(shutil.disk_usage(run_dir).free)} free there; the older checkpoints "
+                                  f"are kept: free space and rerun to resume") from None
         if final.exists():  # a resumed run re-reaching a step it had saved before
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -230,15 +267,6 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     return int(shared["step"])
 
 
-def weights_sha256(state_dict: dict) -> str:
-    """A digest of a state dict's names and tensor bytes: what a model file's own checksum covers."""
-    h = hashlib.sha256()
-    for name, tensor in state_dict.items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module, images: int,
                init: dict | None = None) -> None:
     """The final EMA network with the params, method and dataset info needed to rebuild it, the training
@@ -248,6 +276,44 @@ def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module, imag
     state = module.state_dict()
     atomic_save({"params": cfg.model_dump(mode="json"), "method": method, "dataset": asdict(info),
                  "state_dict": state, "weights_sha256": weights_sha256(state), "images": images, "init": init}, path)
+
+
+# train.* keys that do not change the trained network
+NOT_TRAINING = ("resume", "device", "keep_checkpoints")
+
+
+def training_identity(cfg, method: str) -> dict:
+    """The params that make a trained network what it is (run directories are named by their hash; a
+    model file's are compared with the params a later stage reads)."""
+    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
+    identity["train"] = {k: v for k, v in identity["train"].items() if k not in NOT_TRAINING}
+    identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
+    if cfg.finetuned(method):
+        identity["finetune"] = cfg.finetune.model_dump(mode="json", include={"init_from", "epochs", "lr"})
+    return identity
+
+
+def params_differences(trained: dict, current: dict, prefix: str = "") -> list[str]:
+    """`key: trained value, now value` for each flattened key whose values differ (keys of `trained`)."""
+    out = []
+    for key, value in trained.items():
+        name, other = f"{prefix}{key}", current.get(key) if isinstance(current, dict) else None
+        if isinstance(value, dict):
+            out += params_differences(value, other if isinstance(other, dict) else {}, name + ".")
+        elif value != other:
+            out.append(f"{name}: {value!r} in the model, {other!r} now")
+    return out
+
+
+def check_trained_with(trained: TrainedModel, cfg, path: Path, where: str) -> None:
+    """CheckpointError unless the model at `path` was trained with the params `cfg` holds (`where`
+    names them): a model trained with other params than those recorded for it (dvc.lock) is never
+    sampled or scored under their name."""
+    differences = params_differences(training_identity(trained.cfg, trained.method.name),
+                                     training_identity(cfg, trained.method.name))
+    if differences:
+        raise CheckpointError(f"{path}: was trained with other params than {where} holds ({'; '.join(differences)}); "
+                              f"retrain it (`dvc repro -f train@{trained.method.name}`) or set the params back")
 
 
 @dataclass

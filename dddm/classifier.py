@@ -16,7 +16,6 @@ the holdout split and the batch order all come from generators seeded by it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .files import atomic_open
+from .integrity import IntegrityError, weights_sha256
 from .pixels import to_float
 
 FORMAT = "dddm-classifier-v1"
+# the pipeline keeps the file in git (dvc.yaml): the committed one is a remedy, retraining the other
+RETRAIN = "restore it from git (`git checkout -- {path}`) or retrain it (`dvc repro -f classifier`)"
 MIN_SIZE, MAX_SIZE = 8, 64
 
 
@@ -172,21 +174,13 @@ def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | tor
     return model, test_accuracy
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_classifier(model: SmallClassifier, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
     """Write the architecture args, the weights and `meta` (e.g. test_accuracy) to `path`, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "arch": dict(model.config),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-               "meta": dict(meta or {})}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "arch": dict(model.config), "state_dict": state,
+               "weights_sha256": weights_sha256(state), "meta": dict(meta or {})}
     with atomic_open(path) as f:
         torch.save(payload, f)
     return path
@@ -203,6 +197,11 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
         raise ValueError(f"{path}: not a readable classifier file ({e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} file")
+    remedy = RETRAIN.format(path=path)
+    if "weights_sha256" not in payload:
+        raise IntegrityError(f"{path}: has no checksum of its weights (written by an older version); {remedy}")
+    if weights_sha256(payload["state_dict"]) != payload["weights_sha256"]:
+        raise IntegrityError(f"{path}: the weights do not match the file's checksum (the file was damaged); {remedy}")
     model = SmallClassifier(**payload["arch"])
     model.load_state_dict(payload["state_dict"])
     model.meta = dict(payload.get("meta", {}))

@@ -103,10 +103,17 @@ class TrackingConfig(Section):
     register_models: bool  # the register stage: each method's model into the MLflow Model Registry
 
 
+class LimitsConfig(Section):
+    """What the check stage lets a run ask of this machine (dddm/limits.py)."""
+
+    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
+    machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
+
+
 class Config(Section):
     """All of params.yaml. No defaults here: params.yaml is the one source of values."""
 
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0, le=2**32 - 1)  # numpy's and every generator's range
     data: DataConfig
     model: ModelConfig
     methods: tuple[str, ...] = Field(min_length=1)  # trained, sampled and scored side by side (dvc.yaml matrix)
@@ -117,6 +124,8 @@ class Config(Section):
     sample: SampleConfig
     score: ScoreConfig
     tracking: TrackingConfig
+    # params.yaml must have it (load_config); a model file written before it existed has not, and needs none
+    limits: LimitsConfig | None = None
 
     @field_validator("methods")
     @classmethod
@@ -237,14 +246,27 @@ def parse_config(raw: dict, source: str = "params") -> Config:
     return cfg
 
 
+def read_yaml(text: str, source: str):
+    """`yaml.safe_load`, refusing anchors and aliases before anything expands them: a params file
+    needs none, and nested aliases (9 levels of 10 make 10^9 values) grow to gigabytes in whatever
+    expands them (json.dumps here, DVC's own reader)."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConfigError(f"{source}: line {event.start_mark.line + 1}: YAML anchors and aliases (&name, "
+                                  f"*name) are not accepted in a params file; write the values out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
 def load_config(path: str | Path = "params.yaml") -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path.read_text(), str(path)) or {}
+    if isinstance(raw, dict) and "limits" not in raw:
+        raise ConfigError(f"{path}: limits: Field required")
     return parse_config(raw, str(path))
 
 

@@ -6,6 +6,7 @@ directory, so `mlflow ui` there shows the runs with no server set up.
 
 from __future__ import annotations
 
+import collections
 import getpass
 import hashlib
 import json
@@ -38,6 +39,11 @@ from .unet import UNet
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# While training, one tracking request waits this long, once (MLflow's own default: 120 s, retried 7 times with
+# backoff, which froze a run for 8 minutes when the server died); a failed call is tried again after RETRY_AFTER_S.
+REQUEST_TIMEOUT_S = 5
+RETRY_AFTER_S = 30
+MAX_QUEUED_METRICS = 200_000  # about 40 MB; beyond it the oldest queued metrics are dropped
 
 
 class TrackingUnavailable(RuntimeError):
@@ -204,6 +210,38 @@ class MlflowTracker:
         self.grid_every_epochs = grid_every_epochs
         self.grid_sampler = grid_sampler  # callable(ema_module) -> {steps: images in [-1, 1]}
         self._pending: list[Metric] = []
+        # The server answered at start; from here on it may go away without stopping training (_call).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        self.retry_after_s = RETRY_AFTER_S
+        self._away_since: float | None = None  # when the current outage began
+        self._retry_at = 0.0
+        self.not_logged: list[str] = []  # what an outage cost the run, beyond queued metrics
+        self.dropped_metrics = 0
+
+    def _call(self, what: str, fn, *args, **kwargs) -> bool:
+        """One tracking call that must not stop or stall training: True when it went through. While the
+        server is away, calls are skipped until `retry_after_s` has passed since the last try; the
+        outage is one warning when it begins and one when it ends."""
+        now = time.monotonic()
+        if self._away_since is not None and now < self._retry_at:
+            return False
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever the tracking client raises, training goes on
+            if self._away_since is None:
+                self._away_since = now
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                log.warning("MLflow tracking at %s failed logging the %s (%s); training goes on: metrics are "
+                            "queued and sent when it answers (tried again every %d s), images are skipped meanwhile",
+                            self.uri, what, first, self.retry_after_s)
+            self._retry_at = now + self.retry_after_s
+            return False
+        if self._away_since is not None:
+            log.warning("MLflow tracking at %s answers again after %.0f s; the queued metrics are sent", self.uri,
+                        now - self._away_since)
+            self._away_since = None
+        return True
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         now = int(time.time() * 1000)
@@ -212,40 +250,69 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        for start in range(0, len(self._pending), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=self._pending[start:start + 1000])
-        self._pending = []
+        while self._pending:
+            batch = self._pending[:1000]  # MLflow's batch limit
+            if not self._call("metrics", self.client.log_batch, self.run_id, metrics=batch):
+                break
+            del self._pending[:len(batch)]
+        excess = len(self._pending) - MAX_QUEUED_METRICS
+        if excess > 0:
+            if not self.dropped_metrics:
+                log.warning("MLflow tracking at %s: more than %d metrics queued; dropping the oldest", self.uri,
+                            MAX_QUEUED_METRICS)
+            self.dropped_metrics += excess
+            del self._pending[:excess]
 
     def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
         if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
             for steps, images in self.grid_sampler(ema_module).items():
                 # keyed with the epoch as step: the run page's image panel gets a slider over epochs
-                self.client.log_image(self.run_id, image_grid(images), key=f"ema_{steps}step", step=epoch + 1)
+                if not self._call("image", self.client.log_image, self.run_id, image_grid(images),
+                                  key=f"ema_{steps}step", step=epoch + 1):
+                    self.not_logged.append("sample grid")
+
+    def incomplete(self) -> str | None:
+        """What the run lacks because the server was away (None when nothing): for mlflow_run.json."""
+        lost = [f"{len(self._pending)} queued metrics"] if self._pending else []
+        lost += [f"{self.dropped_metrics} dropped metrics"] if self.dropped_metrics else []
+        lost += [what if n == 1 else f"{n} x {what}" for what, n in collections.Counter(self.not_logged).items()]
+        return f"not logged to {self.uri} (unreachable): " + ", ".join(lost) if lost else None
 
     def log_dataset(self, path: Path, name: str, fingerprint: str) -> None:
         """The prepared dataset as the run's training input (its path and fingerprint)."""
         dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name,
                               digest=fingerprint[:16])
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
-        self.client.log_inputs(self.run_id, datasets=[entity])
+        if not self._call("dataset", self.client.log_inputs, self.run_id, datasets=[entity]):
+            self.not_logged.append("the dataset input")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            if not self._call("tag", self.client.set_tag, self.run_id, key, value):
+                self.not_logged.append(f"the tag {key}")
 
     def log_model(self, net: UNet, name: str = "ema_model") -> None:
         """The network as an MLflow PyTorch model in the pt2 format (torch.export: no pickle, no code
         needed to load it), with a signature naming its input tensors and a dynamic batch."""
         self.flush()
         module, inputs = tensor_arguments(net.cpu().eval())
-        with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(module, name=name, serialization_format="pt2", signature=network_signature(inputs),
-                                     input_example=tuple(inputs.values()),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+        def log() -> None:
+            with mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(module, name=name, serialization_format="pt2",
+                                         signature=network_signature(inputs), input_example=tuple(inputs.values()),
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        self._retry_at = 0.0  # the end of the run: one more try
+        if not self._call("model", log):
+            self.not_logged.append(f"the model {name}")
 
     def finish(self, status: str = "FINISHED") -> None:
+        self._retry_at = 0.0
         self.flush()
-        self.client.set_terminated(self.run_id, status)
+        if not self._call("status", self.client.set_terminated, self.run_id, status):
+            self.not_logged.append(f"the run status {status}")
+        if (lost := self.incomplete()) is not None:
+            log.warning("MLflow run %s is incomplete: %s", self.run_id, lost)
 
 
 def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
@@ -257,10 +324,11 @@ def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):
     return draw
 
 
-def write_run_reference(path: Path, run_id: str) -> None:
-    """The file later stages read to log into the same MLflow run."""
+def write_run_reference(path: Path, run_id: str, incomplete: str | None = None) -> None:
+    """The file later stages read to log into the same MLflow run; `incomplete` says what the run lacks."""
+    reference = {"run_id": run_id, "tracking_uri": tracking_uri()} | ({"incomplete": incomplete} if incomplete else {})
     with atomic_open(path, "w") as f:
-        f.write(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri()}, indent=2))
+        f.write(json.dumps(reference, indent=2))
 
 
 class EvaluationRun:

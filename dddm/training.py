@@ -66,12 +66,11 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
 
 def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisation | None = None) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration, dataset
-    and initialisation, so `resume: auto` never continues a run of other parameters."""
-    identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
-    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device", "keep_checkpoints")}
-    identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
+    and initialisation (the weights it starts from), so `resume: auto` never continues a run of other
+    parameters."""
+    identity = checkpoint.training_identity(cfg, method)
     if init is not None:
-        identity["finetune"] = {"epochs": cfg.finetune.epochs, "lr": cfg.finetune.lr, "init": init.weights_sha256}
+        identity["finetune"]["init_weights_sha256"] = init.weights_sha256
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 
@@ -162,6 +161,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     owned = owned_indices(info.num_samples, world.rank, world.world_size)
     largest_shard = math.ceil(info.num_samples / world.world_size)
     steps_per_epoch = math.ceil(largest_shard / tc.batch_size)
+    # the largest of epoch_batches' batches: the shard itself when train.batch_size exceeds it
+    batch = math.ceil(largest_shard / steps_per_epoch)
     # Rank 0 verifies the checkpoints; every rank resumes from the one it chose.
     latest = distributed.all_gather_objects(checkpoint.resumable(run_dir, steps_per_epoch)
                                             if tc.resume == "auto" and world.is_main else None)[0]
@@ -177,12 +178,12 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
             history_path.unlink(missing_ok=True)
         _truncate_history(history_path, global_step)
     if world.is_main:
-        log.info("%s: world size %d, per-rank batch %d, global batch %d, %d steps per epoch, store %s",
-                 method.name, world.world_size, tc.batch_size, tc.batch_size * world.world_size, steps_per_epoch,
-                 store.describe() if store is not None else "none")
+        log.info("%s: world size %d, per-rank batch %d (train.batch_size %d, shard %d), global batch %d, %d steps "
+                 "per epoch, store %s", method.name, world.world_size, batch, tc.batch_size, largest_shard,
+                 batch * world.world_size, steps_per_epoch, store.describe() if store is not None else "none")
     tracker.set_tags({"world_size": str(world.world_size), "device": str(world.device),
                       "store_backend": type(store).__name__ if store is not None else "none",
-                      "global_batch": str(tc.batch_size * world.world_size)})
+                      "global_batch": str(batch * world.world_size)})
 
     total_steps = cfg.epochs_of(method_name) * steps_per_epoch
     images_before = init.images if init is not None else 0  # the initialisation's training images

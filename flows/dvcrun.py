@@ -145,7 +145,9 @@ def expanded_stages(repo: Path) -> dict[str, dict]:
     `${item.method}` filled in from the params list it names (`${methods}`, `${finetune.methods}`): the one
     place the flows learn the pipeline's paths from."""
     stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    from dddm.config import read_yaml
+
+    params = read_yaml((repo / "params.yaml").read_text(), str(repo / "params.yaml"))
     out = {}
     for name, stage in stages_.items():
         if "matrix" not in stage:
@@ -210,15 +212,16 @@ def check_sets(params_file: Path, sets: list[str]) -> None:
     key is one it has (`+key` adds one, which the validation then names) and the result validates."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    from dddm.config import parse_config
+    from dddm.config import parse_config, read_yaml
 
-    check_override_keys(yaml.safe_load(params_file.read_text()),
+    check_override_keys(read_yaml(params_file.read_text(), str(params_file)),
                         [s.split("=", 1)[0] for s in sets if not s.startswith(("+", "~"))])
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "params.yaml"
         shutil.copyfile(params_file, copy)
         dvc_apply_overrides(copy, sets)
-        parse_config(yaml.safe_load(copy.read_text()) or {}, f"{params_file.name} with -S {' -S '.join(sets)}")
+        source = f"{params_file.name} with -S {' -S '.join(sets)}"
+        parse_config(read_yaml(copy.read_text(), source) or {}, source)
 
 
 def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
@@ -231,6 +234,54 @@ def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
     if sets:
         dvc_apply_overrides(repo / "params.yaml", sets)
     return sets
+
+
+class RepositoryBusy(RuntimeError):
+    """Another DVC operation holds the repository."""
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, TypeError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dvc_holders(repo: Path) -> list[str]:
+    """The DVC operations in `repo` now, as 'pid N: command'. DVC holds its repository lock
+    (`.dvc/tmp/lock`) between stages but releases it while a stage's command runs; the running stage's
+    paths are then in `.dvc/tmp/rwlock` with its pid. Both are read, neither is taken or written."""
+    import zc.lockfile
+
+    tmp, holders = repo / ".dvc" / "tmp", []
+    if (tmp / "lock").is_file():
+        try:
+            zc.lockfile.SimpleLockFile(str(tmp / "lock")).close()  # does not write: the holder's pid stays
+        except zc.lockfile.LockError:
+            holders.append(f"pid {(tmp / 'lock').read_text().strip() or 'unknown'}: holds .dvc/tmp/lock")
+    try:
+        rwlock = json.loads((tmp / "rwlock").read_text())
+    except (OSError, ValueError):
+        rwlock = {}
+    entries = [*(rwlock.get("write") or {}).values(), *(e for v in (rwlock.get("read") or {}).values() for e in v)]
+    for entry in entries:
+        if isinstance(entry, dict) and _alive(entry.get("pid")):
+            holders.append(f"pid {entry['pid']}: {entry.get('cmd', '')}"[:200])
+    return list(dict.fromkeys(holders))
+
+
+def refuse_if_busy(repo: Path) -> None:
+    """RepositoryBusy naming the holder when another DVC operation (a `dvc repro`, `dvc exp run`, ...) is at
+    work in the repository. Called before anything writes params.yaml: `dvc exp run` rewrites it before it
+    finds the repository busy, and the running operation then records those params for outputs made
+    with others (README, Known issues)."""
+    holders = dvc_holders(repo)
+    if holders:
+        raise RepositoryBusy(f"another DVC operation is at work in {repo.resolve()} ({'; '.join(holders)}); "
+                             f"nothing was changed: start the experiment when it has finished")
 
 
 def has_commit(repo: Path) -> bool:

@@ -166,6 +166,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     method = split_metric(metric)[0]
     name = experiment_name()
     with workspace_lock(root):
+        dvcrun.refuse_if_busy(root)  # before the snapshot: restoring it would undo the other operation's writes
         with rollback_on_failure(root):
             apply_params(str(root), overrides)
             for stage in dvcrun.stages(root):

@@ -14,10 +14,24 @@ import torch
 
 from dddm.checkpoint import CheckpointError, load_model
 from dddm.config import Config
+from dddm.distributed import resolve_device
 from dddm.finetune import InitialisationError, check_compatible
+from dddm.limits import Machine, machine_problems, shard_problems
 from dddm.methods import METHODS
 
 from .common import start
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why `directory` (created if missing) cannot take a file, or None: the directory itself is
+    tried, so a read-only mount is found here, not by the stage that writes into it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def environment_problems(cfg: Config) -> list[str]:
@@ -25,22 +39,26 @@ def environment_problems(cfg: Config) -> list[str]:
     problems = []
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
-        problems.append("train.device: 'cuda' but no CUDA device is available (use auto or cpu)")
-    if tc.device != "cpu" and torch.cuda.is_available() and tc.nproc > torch.cuda.device_count():
+        return ["train.device: 'cuda' but no CUDA device is available (use auto or cpu)"]
+    device = resolve_device(tc.device)
+    if device.type == "cuda" and tc.nproc > torch.cuda.device_count():
         problems.append(f"train.nproc: {tc.nproc} processes but only {torch.cuda.device_count()} GPU(s)")
-    directory = Path(tc.checkpoint_dir)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        problems.append(f"train.checkpoint_dir: {directory} is not a writable directory ({e.strerror})")
+    if device.type == "cpu" and tc.nproc > (os.cpu_count() or 1):
+        problems.append(f"train.nproc: {tc.nproc} gloo processes but this machine has {os.cpu_count()} CPU(s); "
+                        f"at most one process per CPU")
+    directories = {"train.checkpoint_dir": tc.checkpoint_dir}
     for name in cfg.compared:
         store = getattr(cfg.method_config(name), "store", None)
-        if store is not None and store.directory and not os.access(Path(store.directory).parent, os.W_OK):
-            problems.append(f"method.{name}.store.directory: {store.directory} cannot be created here")
+        if store is not None and store.directory:
+            directories[f"method.{name}.store.directory"] = store.directory
+    for key, directory in directories.items():
+        if (why := unwritable(Path(directory))) is not None:
+            problems.append(f"{key}: {directory} is not a writable directory ({why})")
+    problems += shard_problems(cfg)
     problems += finetune_problems(cfg)
-    return problems
+    if problems or cfg.limits.machine == "ignore":
+        return problems
+    return machine_problems(cfg, Machine.here(device))
 
 
 def finetune_problems(cfg: Config) -> list[str]:

@@ -5,7 +5,10 @@
 
 `run` (the default) checks the `-S` overrides first, before DVC changes any file: a key params.yaml lacks
 is named with the nearest key (DVC's own message advises `+key`, which adds a key the check stage then
-rejects), and a bad value is named as the check stage names it.
+rejects), and a bad value is named as the check stage names it. It refuses to start while another DVC
+operation holds the repository (DVC's own `exp run` would rewrite params.yaml first, and the running
+operation would record those params for outputs made with others), and when `dvc exp run` fails,
+params.yaml is put back as it was.
 
 `show` narrows DVC's table, which has a column for every key of params.yaml, every metric of every file
 and every dependency's hash (DVC has no setting for its default view), to the experiments' changed
@@ -14,12 +17,13 @@ params and out/headline.json's FID per method and row.
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from dvc.exceptions import DvcException
 
-from flows.dvcrun import check_sets
+from flows.dvcrun import RepositoryBusy, check_sets, refuse_if_busy
 
 # dvc exp show's column names: a metric is `<key>`, or `<file>:<key>` where two files share the key;
 # a dependency is its path (params.yaml is the check stage's). out/headline.json's keys (`real`,
@@ -39,11 +43,19 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set-param", dest="sets", action="append", default=[], help="as `dvc exp run -S`")
     args, _ = ap.parse_known_args()
+    params = Path("params.yaml")
     try:
-        check_sets(Path("params.yaml"), args.sets)
-    except (ValueError, DvcException) as e:
+        refuse_if_busy(Path("."))
+        check_sets(params, args.sets)
+    except (ValueError, RepositoryBusy, DvcException) as e:
         sys.exit(f"exp: {e}")
-    dvc("run", *sys.argv[1:])
+    before = params.read_bytes()
+    code = subprocess.call([sys.executable, "-m", "dvc", "exp", "run", *sys.argv[1:]])
+    if code != 0 and params.read_bytes() != before:
+        # DVC writes the -S values before it runs anything (and before it takes the repository's lock)
+        params.write_bytes(before)
+        print(f"exp: dvc exp run failed (exit {code}); params.yaml restored as it was", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

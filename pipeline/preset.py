@@ -13,7 +13,7 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
-from dddm.config import ConfigError, merge_params, parse_config
+from dddm.config import ConfigError, merge_params, parse_config, read_yaml
 
 from .common import PARAMS
 
@@ -53,18 +53,21 @@ def main() -> None:
         elif not args.preset.is_file():
             raise SystemExit(f"preset: {args.preset}: no such file (see presets/)")
         else:
-            overrides = yaml.safe_load(args.preset.read_text()) or {}
+            try:
+                overrides = read_yaml(args.preset.read_text(), str(args.preset)) or {}
+            except ConfigError as e:
+                raise SystemExit(f"preset: {e}") from None
     for text in args.overrides:
         overrides = merge_params(overrides, parse_assignment(text))
 
-    rt = YAML()
-    rt.preserve_quotes = True
     params_path = Path(PARAMS)
-    document = rt.load(params_path.read_text())
     try:
-        parse_config(merge_params(yaml.safe_load(params_path.read_text()), overrides), str(params_path))
+        parse_config(merge_params(read_yaml(params_path.read_text(), str(params_path)), overrides), str(params_path))
     except ConfigError as e:
         sys.exit(f"preset: not applied, the result would be invalid\n{e}")
+    rt = YAML()
+    rt.preserve_quotes = True
+    document = rt.load(params_path.read_text())
     update_in_place(document, overrides)
     with open(params_path, "w") as f:
         rt.dump(document, f)

@@ -4,6 +4,7 @@ row of every comparison: held-out digits (the classifier's holdout split, as man
 samples) scored against those statistics, the floor a generator can reach at that sample count."""
 
 import json
+import logging
 
 from dddm.classifier import HOLDOUT_FRACTION, split_indices
 from dddm.data import PreparedDataset
@@ -12,6 +13,8 @@ from dddm.evaluation import evaluate_samples, headline
 from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
 
 from .common import start
+
+log = logging.getLogger("pipeline.reference")
 
 def main() -> None:
     cfg, args = start("reference", __doc__, prepared="the prepared Arrow file", classifier="the scoring classifier",
@@ -25,6 +28,9 @@ def main() -> None:
                                 device=device, fingerprint=dataset.info.fingerprint)
         _, holdout = split_indices(len(dataset), HOLDOUT_FRACTION, cfg.seed)
         real = dataset.images(holdout[:cfg.sample.num_samples]).numpy()
+        if len(real) < cfg.sample.num_samples:
+            log.warning("the real-data row scores all %d held-out images, fewer than sample.num_samples %d",
+                        len(real), cfg.sample.num_samples)
         row = evaluate_samples(real, args.out, args.classifier, cfg.score, device, "held-out real images")
     except (InceptionWeightsMissing, ValueError) as e:
         raise SystemExit(f"reference: {e}")

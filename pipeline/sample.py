@@ -1,14 +1,18 @@
-"""Stage sample: a method's EMA model -> <out>/<s>-step.npz (uint8) and a PNG grid per step count
-(`sampler.<name>.steps`); the score stage logs both grids and scores to MLflow."""
+"""Stage sample: a method's EMA model -> <out>/<s>-step.npz (uint8, with the images' sha256) and a PNG
+grid per step count (`sampler.<name>.steps`); the score stage logs both grids and scores to MLflow.
+Samples are written batch by batch as they are generated: memory holds one batch, not all of them."""
 
-import numpy as np
+import torch
 
-from dddm.checkpoint import CheckpointError, load_model
+from dddm.checkpoint import CheckpointError, check_trained_with, load_model
 from dddm.distributed import resolve_device
+from dddm.integrity import save_samples
 from dddm.pixels import save_grid, to_uint8
-from dddm.sampling import sample
+from dddm.sampling import sample_batches
 
-from .common import start
+from .common import PARAMS, start
+
+GRID_IMAGES = 64  # as many as dddm.pixels.image_grid shows
 
 
 def main() -> None:
@@ -17,15 +21,22 @@ def main() -> None:
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)
+        check_trained_with(trained, cfg, args.model, PARAMS)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"sample: {e}")
     method = trained.with_sampler(cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     for steps in method.sampler.steps:
-        images = sample(method, trained.net, cfg.sample.num_samples, trained.shape, steps,
-                        cfg.sample.batch_size, device, progress=True)
-        np.savez_compressed(args.out / f"{steps}-step.npz", images=to_uint8(images.cpu()).numpy())
-        save_grid(images, args.out / f"{steps}-step.png")
+        grid: list[torch.Tensor] = []  # the first GRID_IMAGES samples, kept for the PNG
+
+        def batches():
+            for images in sample_batches(method, trained.net, cfg.sample.num_samples, trained.shape, steps,
+                                         cfg.sample.batch_size, device, progress=True):
+                if sum(map(len, grid)) < GRID_IMAGES:
+                    grid.append(images[:GRID_IMAGES])
+                yield to_uint8(images).numpy()
+        save_samples(batches(), cfg.sample.num_samples, args.out / f"{steps}-step.npz")
+        save_grid(torch.cat(grid), args.out / f"{steps}-step.png")
 
 
 if __name__ == "__main__":

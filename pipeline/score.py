@@ -13,6 +13,7 @@ from dddm.data import PreparedDataset
 from dddm.diagnostics import udddm_diagnostics
 from dddm.distributed import resolve_device
 from dddm.evaluation import evaluate_samples, headline
+from dddm.integrity import load_samples
 from dddm.methods import UDDDM
 from dddm.sampling import sample
 from dddm.scoring import INCEPTION_FID_LAYER, InceptionWeightsMissing
@@ -72,7 +73,8 @@ def main() -> None:
                     "rows": []}
     try:
         for steps, path in paths.items():
-            row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(np.load(path)["images"], str(path))
+            images = load_samples(path, f"rerun the sample stage (`dvc repro -f sample@{method.name}`)")
+            row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(images, str(path))
             report["rows"].append(row)
         if cfg.score.untrained_baseline:
             images = sample(method, trained.untrained(), cfg.sample.num_samples, trained.shape, 1,

@@ -76,7 +76,7 @@ def main() -> None:
                 (args.out / "curve.tsv").write_text("epoch\timages\n")
             tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
-            write_run_reference(args.out / "mlflow_run.json", tracker.run_id)
+            write_run_reference(args.out / "mlflow_run.json", tracker.run_id, tracker.incomplete())
     except (TrainingDiverged, TrackingUnavailable, checkpoint.CheckpointError, runlock.RunLocked) as e:
         if tracker:
             tracker.finish("FAILED")

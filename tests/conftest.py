@@ -92,3 +92,25 @@ def repo_copy(tmp_path) -> Path:
 
 def write_params(repo: Path, params: dict) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount_tmpfs(size, read_only=False): a fresh directory that is a tmpfs of `size` (a full disk, a
+    read-only mount); skips where this user may not mount (another test covers the case without one)."""
+    mounted = []
+
+    def mount_tmpfs(size: str, read_only: bool = False) -> Path:
+        directory = tmp_path / f"tmpfs{len(mounted)}"
+        directory.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(directory)
+        return directory
+
+    yield mount_tmpfs
+    for directory in mounted:
+        subprocess.run(["umount", str(directory)], check=True)

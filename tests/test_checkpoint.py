@@ -279,3 +279,36 @@ def test_parts_left_by_a_write_killed_at_the_same_step_do_not_break_the_next_sav
     assert_identical(resume(runs, run_dir, tmp_path), runs.whole)
     assert [p.name for p in checkpoint.complete(run_dir)] == ["ckpt-000000015", "ckpt-000000016"]
     assert not stale.exists()
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file_and_the_space(prepared, tmpfs, tmp_path):
+    """The issue's trial (a checkpoint directory on a file system that fills): one error naming the file,
+    the free space and what the file needs, and no unfinished `ckpt-*.tmp` left behind."""
+    run_dir = tmpfs("256k")
+    with pytest.raises(CheckpointError) as failed:
+        train(config("device", 1), "udddm", prepared, tmp_path / "out", run_dir, progress=False)
+    message = str(failed.value)
+    assert message.startswith(f"{run_dir}/ckpt-000000003.tmp/") and "\n" not in message
+    assert "writing the checkpoint of step 3 failed" in message and "free there, the file needs about" in message
+    assert not list(run_dir.glob("ckpt-*"))
+
+
+def test_an_unfinished_checkpoint_directory_is_removed_at_the_next_start(runs, tmp_path):
+    run_dir = interrupted(runs, tmp_path)
+    (run_dir / "ckpt-000000009.tmp").mkdir()
+    (run_dir / "ckpt-000000009.tmp" / "train_state.pt").write_bytes(b"part of a file")
+    assert checkpoint.resumable(run_dir, STEPS_PER_EPOCH) == run_dir / "ckpt-000000008"
+    assert not (run_dir / "ckpt-000000009.tmp").exists()
+
+
+def test_a_model_trained_with_other_params_than_the_current_is_not_sampled_under_them(runs):
+    """What guards the scores when dvc.lock records params a model was not trained with (an experiment
+    that rewrote params.yaml during a run): the sample stage compares the model's params with them."""
+    path = runs.half.parent / "half-out" / "model.pt"
+    trained = checkpoint.load_model(path)
+    same = config(runs.policy, 1, device="cpu", keep_checkpoints=5)  # keys that do not change the network
+    checkpoint.check_trained_with(trained, same, path, "params.yaml")
+    with pytest.raises(CheckpointError, match=rf"^{path}: was trained with other params than params.yaml holds "
+                                              r"\(train.lr: 0.0002 in the model, 0.0005 now\); retrain it "
+                                              r"\(`dvc repro -f train@udddm`\)"):
+        checkpoint.check_trained_with(trained, config(runs.policy, 1, lr=5e-4), path, "params.yaml")

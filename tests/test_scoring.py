@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -393,3 +394,60 @@ def test_auto_falls_back_to_the_classifier_when_too_few_images_for_inception_fid
     with pytest.raises(ValueError, match="too few for a Frechet distance in the 2048-d inception"):
         S.compute_reference_stats(train_x, tmp_path / "ref2", classifier_path=path, use_inception=True,
                                   inception_weights=random_inception, progress=False)
+
+
+def _flip(path: Path, count: int, at: float = 0.5) -> None:
+    """Invert `count` bytes from the middle of `path` (or as many as fit)."""
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_reference_files_and_classifier_stop_scoring_naming_the_file(trained, reference, tmp_path):
+    """The issue's trials: 400,000 bytes flipped in the reference features (here all of a small file's
+    middle), 16 in the classifier: each an error naming the file and what to rerun, never a score."""
+    _, _, path, _, held, _ = trained
+    ref_dir, _ = reference
+    held_u8 = to_uint8(torch.as_tensor(held)).numpy()
+    S.score_samples(held_u8, reference_dir=ref_dir, classifier_path=path, progress=False)
+    for name in (S.CLASSIFIER_FEATURES, S.CLASSIFIER_STATS):
+        kept = (ref_dir / name).read_bytes()
+        _flip(ref_dir / name, 400_000, at=0.3)
+        with pytest.raises(ValueError, match=f"^{ref_dir / name}: its sha256 differs .*dvc repro -f reference"):
+            S.score_samples(held_u8, reference_dir=ref_dir, classifier_path=path, progress=False)
+        (ref_dir / name).write_bytes(kept)
+    damaged = tmp_path / "classifier.pt"
+    damaged.write_bytes(path.read_bytes())
+    _flip(damaged, 16, at=0.6)
+    with pytest.raises(ValueError, match=f"^{damaged}: .*dvc repro -f classifier"):
+        load_classifier(damaged)
+
+
+def test_samples_are_written_batch_by_batch_and_a_damaged_file_is_named(tmp_path):
+    from dddm.integrity import IntegrityError, load_samples, save_samples
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 3, 4, 4), dtype=np.uint8)
+    path = tmp_path / "1-step.npz"
+    save_samples((images[i:i + 4] for i in range(0, 10, 4)), 10, path)
+    assert np.array_equal(np.load(path)["images"], images)  # as np.savez_compressed's files are read
+    assert np.array_equal(load_samples(path, "rerun"), images)
+    good = path.read_bytes()
+    path.write_bytes(good[:len(good) // 2])
+    with pytest.raises(IntegrityError, match=f"^{path}: not a readable samples file .*BadZipFile.*; rerun"):
+        load_samples(path, "rerun")
+    np.savez_compressed(path, images=images)  # foreign: no checksum
+    with pytest.raises(IntegrityError, match=f"^{path}: not a samples file of the sample stage .*images_sha256"):
+        load_samples(path, "rerun")
+    save_samples([images], 10, path)
+    with np.load(path) as z:
+        digest = z["images_sha256"]
+    one_changed = images ^ np.eye(1, images.size, 7, dtype=np.uint8).reshape(images.shape)
+    np.savez(path, images=one_changed, images_sha256=digest)
+    with pytest.raises(IntegrityError, match=f"^{path}: the images do not match the file's checksum"):
+        load_samples(path, "rerun")
+    with pytest.raises(ValueError, match="9 samples written, 10 expected"):
+        save_samples([images[:9]], 10, tmp_path / "short.npz")
+    assert not (tmp_path / "short.npz").exists()

@@ -1,7 +1,9 @@
 """MLflow tracking against a real tracking server on loopback, through the real stage commands."""
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,15 +30,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
+def start_mlflow_server(root, port: int) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1:port with its store under root (a restart finds its runs again)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
-        env=run_env(), stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        env=run_env(), stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own group: the server and its workers killed together
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -46,24 +47,41 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             time.sleep(0.5)
     else:
-        proc.kill()
+        kill_server(proc)
         raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+    return proc, uri
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    """kill -9 of the server's process group (mlflow server runs its workers as children)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), free_port())
     yield uri
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def stage(repo, name, uri, nproc=None):
-    """Run a stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC."""
+def stage_command(repo, name, nproc=None) -> list[str]:
+    """A stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC."""
     from flows.dvcrun import expanded_stages
 
     declared = expanded_stages(repo)[name]["cmd"].split()
     module = declared.index("-m")
     args = declared[module + 1:]
-    cmd = ([*torchrun_command(nproc), "-m", *args]
-           if nproc else [sys.executable, "-m", *args])
-    return subprocess.run(cmd, cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-                          timeout=600)
+    return [*torchrun_command(nproc), "-m", *args] if nproc else [sys.executable, "-m", *args]
+
+
+def stage(repo, name, uri, nproc=None):
+    return subprocess.run(stage_command(repo, name, nproc), cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
@@ -201,3 +219,77 @@ def test_a_copied_repository_logs_into_its_own_mlruns(tmp_path):
 def test_image_grid_enlarges_small_images():
     grid = image_grid(torch.zeros(10, 1, 8, 8))
     assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 3  # make_grid: RGB
+
+
+def test_a_tracking_server_killed_mid_run_does_not_stop_training(repo_copy, tmp_path):
+    """The issue's trial: the server killed with kill -9 while the train stage runs (and not restarted).
+    Training finishes with its outputs; one warning when the tracking fails, one naming what the run
+    lacks; mlflow_run.json says so."""
+    write_params(repo_copy, tiny_params(train={"epochs": 8, "batch_size": 64},
+                                        tracking={"experiment": "dies", "grid_every_epochs": 1}))
+    assert stage(repo_copy, "prepare", "").returncode == 0
+    server, uri = start_mlflow_server(tmp_path, free_port())
+    try:
+        train = subprocess.Popen(stage_command(repo_copy, "train@udddm"), cwd=repo_copy,
+                                 env=run_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        client = MlflowClient(uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and train.poll() is None:  # until the run has logged a first loss
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+            if runs and client.get_metric_history(runs[0].info.run_id, "loss"):
+                break
+            time.sleep(0.2)
+        assert train.poll() is None, "training ended before the server could be killed"
+        kill_server(server)
+        _, stderr = train.communicate(timeout=600)
+    finally:
+        kill_server(server)
+    assert train.returncode == 0, stderr[-3000:]
+    out = repo_copy / "out/train/udddm"
+    assert load_model(out / "model.pt").method.name == "udddm"
+    assert len((out / "loss.tsv").read_text().splitlines()) == 1 + 8 * 29
+    assert stderr.count(f"MLflow tracking at {uri} failed") == 1, stderr[-3000:]
+    assert stderr.count("is incomplete: not logged to") == 1
+    reference = json.loads((out / "mlflow_run.json").read_text())
+    assert "queued metrics" in reference["incomplete"] and "the model ema_model" in reference["incomplete"]
+    assert "Traceback" not in stderr
+
+
+def test_metrics_queued_while_the_server_is_away_are_sent_when_it_returns(tmp_path, monkeypatch, caplog):
+    """A real server killed with kill -9 and started again on the same port and store: the run ends
+    with every step's metric and its status, and the outage was two warnings."""
+    from dddm.tracking import MlflowTracker
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(name, raising=False)  # the tracker sets them; monkeypatch restores them
+    port = free_port()
+    server, uri = start_mlflow_server(tmp_path, port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        tracker = MlflowTracker("comes-back", {"a": 1}, {}, flush_every=1)
+        tracker.retry_after_s = 0
+        for step in range(1, 11):
+            tracker.log_metrics({"loss": step}, step)
+        kill_server(server)
+        with caplog.at_level("WARNING", logger="dddm.tracking"):
+            for step in range(11, 21):
+                tracker.log_metrics({"loss": step}, step)
+            assert len(tracker._pending) == 10
+            server, _ = start_mlflow_server(tmp_path, port)
+            for step in range(21, 31):
+                tracker.log_metrics({"loss": step}, step)
+            tracker.finish()
+    finally:
+        kill_server(server)
+    assert [r.message.split(" (")[0] for r in caplog.records] == \
+        [f"MLflow tracking at {uri} failed logging the metrics", f"MLflow tracking at {uri} answers again after"
+         + caplog.records[1].message.split("answers again after")[1].split(";")[0] + "; the queued metrics are sent"]
+    assert tracker.incomplete() is None
+    client = MlflowClient(uri)
+    server, _ = start_mlflow_server(tmp_path, port)
+    try:
+        assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss")) == list(range(1, 31))
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        kill_server(server)

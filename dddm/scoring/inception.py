@@ -3,6 +3,7 @@ looked for, and loading it; nothing here downloads (docs/scoring.md, "Inception 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -145,6 +146,25 @@ def resolve_inception(inception_weights: str | os.PathLike | None, use_inception
     return found
 
 
+def read_inception_weights(weights_path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, read with `torch.load(weights_only=True)`: a crafted pickle is
+    refused without running anything (torch-fidelity's own loader unpickles with weights_only=False)."""
+    weights_path = Path(weights_path)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{weights_path}: Inception weights file not found")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unpickling failure means a file that cannot be used
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{weights_path}: not a torch-fidelity inception-v3-compat state dict "
+                         f"({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{weights_path}: not a torch-fidelity inception-v3-compat state dict (not a mapping "
+                         f"of names to tensors)")
+    return state
+
+
 def load_inception(weights_path: str | os.PathLike, features: Sequence[str] = (INCEPTION_FID_LAYER,),
                    device: str | torch.device | None = None) -> torch.nn.Module:
     """torch-fidelity's `FeatureExtractorInceptionV3` with the given weights file (never downloads).
@@ -152,13 +172,15 @@ def load_inception(weights_path: str | os.PathLike, features: Sequence[str] = (I
     forward takes uint8 (B, 3, H, W) and returns a tuple in that order."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    weights_path = Path(weights_path)
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path}: Inception weights file not found")
+    state = read_inception_weights(weights_path)
+    # torch-fidelity loads what it is given with weights_only=False, so it gets the verified tensors,
+    # re-serialised in memory by us, never the file
+    verified = io.BytesIO()
+    torch.save(state, verified)
+    verified.seek(0)
     try:
-        model = FeatureExtractorInceptionV3(INCEPTION_NAME, list(features),
-                                            feature_extractor_weights_path=str(weights_path))
-    except (RuntimeError, OSError, EOFError) as e:
+        model = FeatureExtractorInceptionV3(INCEPTION_NAME, list(features), feature_extractor_weights_path=verified)
+    except RuntimeError as e:
         raise ValueError(f"{weights_path}: not a torch-fidelity inception-v3-compat state dict ({e})") from e
     return model.to(default_device(device))
 

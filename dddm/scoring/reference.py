@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..classifier import file_sha256, load_classifier
+from ..classifier import load_classifier
 from ..files import atomic_open
+from ..integrity import check_file_sha256, file_sha256
 from . import inception
 from .fallback import CLASSIFIER_NAME
 from .features import default_device, extract_features, validate_images
@@ -26,11 +27,18 @@ CLASSIFIER_STATS = "classifier_stats.npz"
 CLASSIFIER_FEATURES = "classifier_features.npy"
 INCEPTION_STATS = "inception_stats.npz"
 INCEPTION_FEATURES = "inception_features.npy"
+RECOMPUTE = "recompute the reference statistics (`dvc repro -f reference`, or `dvc checkout data/reference`)"
 
 
 def _write_json(path: Path, obj: dict) -> None:
     with atomic_open(path, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _written(out_dir: Path, stats: str, features: str) -> dict[str, str]:
+    """The meta entries of a network's two files: their names and sha256, checked when they are read."""
+    return {"stats": stats, "features": features, "stats_sha256": file_sha256(out_dir / stats),
+            "features_sha256": file_sha256(out_dir / features)}
 
 
 def load_reference_meta(reference_dir: str | os.PathLike) -> dict[str, Any]:
@@ -87,7 +95,7 @@ def compute_reference_stats(images: np.ndarray | torch.Tensor, reference_dir: st
         networks[CLASSIFIER_NAME] = {
             "file": str(classifier_path), "sha256": file_sha256(classifier_path),
             "feature_dim": classifier.feature_dim, "test_accuracy": classifier.meta.get("test_accuracy"),
-            "stats": CLASSIFIER_STATS, "features": CLASSIFIER_FEATURES}
+            **_written(out_dir, CLASSIFIER_STATS, CLASSIFIER_FEATURES)}
     if weights is not None:
         model = load_inception(weights, [inception.INCEPTION_FID_LAYER], dev)
         feats = extract_features(images, inception_fn(model), input_kind="uint8", rgb=True,
@@ -97,7 +105,7 @@ def compute_reference_stats(images: np.ndarray | torch.Tensor, reference_dir: st
             np.save(f, feats)
         networks[INCEPTION_NAME] = {
             "file": str(weights), "sha256": file_sha256(weights), "feature_dim": int(inception.INCEPTION_FID_LAYER),
-            "stats": INCEPTION_STATS, "features": INCEPTION_FEATURES}
+            **_written(out_dir, INCEPTION_STATS, INCEPTION_FEATURES)}
     for name, files in ((CLASSIFIER_NAME, (CLASSIFIER_STATS, CLASSIFIER_FEATURES)),
                         (INCEPTION_NAME, (INCEPTION_STATS, INCEPTION_FEATURES))):
         if name not in networks:  # stale files of a network not computed this time
@@ -148,11 +156,18 @@ def reference_files(reference_dir: Path, meta: dict, name: str, file: str | os.P
     if info["sha256"] != file_sha256(file):
         raise ValueError(f"{file}: differs from the {name} file the reference statistics in {reference_dir} were "
                          f"computed with ({info['file']}); recompute them")
-    stats = FeatureStats.load(reference_dir / info["stats"])
     feats_path = reference_dir / info["features"]
-    if not feats_path.is_file():
-        raise FileNotFoundError(f"{feats_path}: reference features not found")
-    feats = np.load(feats_path, mmap_mode="r")
+    for key in ("stats", "features"):
+        if not (reference_dir / info[key]).is_file():
+            raise FileNotFoundError(f"{reference_dir / info[key]}: reference {key} not found; {RECOMPUTE}")
+        check_file_sha256(reference_dir / info[key], info.get(f"{key}_sha256"), meta_path, RECOMPUTE)
+    stats = FeatureStats.load(reference_dir / info["stats"])
+    try:
+        feats = np.load(feats_path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - a foreign or truncated file makes numpy raise nearly anything
+        raise ValueError(f"{feats_path}: not a features file ({type(e).__name__}: {e}); {RECOMPUTE}") from None
+    if not isinstance(feats, np.ndarray):  # a zip file is read as an npz archive
+        raise ValueError(f"{feats_path}: not a .npy features file (an archive); {RECOMPUTE}")
     if feats.ndim != 2 or feats.shape[1] != stats.dim:
         raise ValueError(f"{feats_path}: expected (N, {stats.dim}) features, got {feats.shape}")
     return stats, feats

@@ -1,0 +1,103 @@
+"""The check stage bounds what a run asks of the machine (issue 22's harmful params): each refused
+naming its key, in one check process whose peak memory stays under 1 GB (no value is expanded,
+allocated or run before it is refused). Figures by hand in docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_env, tiny_params
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))
+
+# (case, params overrides, the key the refusal must name)
+HARMFUL = [
+    ("epochs 10^12", {"train": {"epochs": 10**12}}, "train.epochs"),
+    ("10^9 samples", {"sample": {"num_samples": 10**9}}, "sample.num_samples"),
+    ("batch above the shard", {"train": {"batch_size": 10**7}}, "train.batch_size"),
+    ("1000 processes on CPU", {"train": {"nproc": 1000}}, "train.nproc"),
+    ("seed 10^23", {"seed": 10**23}, "seed"),
+    ("10^5 channels", {"model": {"base_channels": 100000}}, "model.base_channels"),
+    ("read-only store directory", {"method": {"udddm": {"store": {"directory": "/proc/self"}}}},
+     "method.udddm.store.directory"),
+]
+
+# Runs the check's two steps (load_config, environment_problems) on each params file given, in one
+# process, and reports what each said and the process's peak RSS.
+PROBE = """
+import json, resource, sys
+from dddm.config import ConfigError, load_config
+from pipeline.check import environment_problems
+out = {}
+for path in sys.argv[1:]:
+    try:
+        out[path] = "\\n".join(environment_problems(load_config(path)))
+    except ConfigError as e:
+        out[path] = str(e)
+out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(out))
+"""
+
+
+def test_each_harmful_param_is_refused_naming_its_key_within_1_gb(tmp_path):
+    if os.cpu_count() >= 1000:
+        pytest.skip("a machine with 1000 CPUs may run 1000 processes")
+    files = {}
+    for case, overrides, _ in HARMFUL:
+        files[case] = tmp_path / f"{case.replace(' ', '_')}.yaml"
+        files[case].write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
+    files["alias bomb"] = tmp_path / "bomb.yaml"
+    files["alias bomb"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False) + ALIAS_BOMB)
+    files["valid"] = tmp_path / "valid.yaml"
+    files["valid"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    done = subprocess.run([sys.executable, "-c", PROBE, *map(str, files.values())], cwd=tmp_path,
+                          env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    said = json.loads(done.stdout)
+    assert said[str(files["valid"])] == ""
+    for case, _, key in HARMFUL:
+        assert re.search(rf"(^|\n|\.yaml: ){re.escape(key)}: ", said[str(files[case])]), (case, said[str(files[case])])
+    assert re.search(r"bomb\.yaml: line \d+: YAML anchors and aliases", said[str(files["alias bomb"])])
+    assert said["maxrss_kb"] < 2**20, f"peak RSS {said['maxrss_kb']} kB"
+
+
+def test_limits_ignore_turns_the_estimates_off_but_not_the_exact_checks(tmp_path):
+    from dddm.config import parse_config
+    from pipeline.check import environment_problems
+
+    big = parse_config(tiny_params(train={"epochs": 10**12}, limits={"machine": "ignore"}))
+    assert environment_problems(big) == []
+    more = parse_config(tiny_params(train={"epochs": 10**12}, limits={"max_hours": 1e15}))
+    assert environment_problems(more) == []
+    shard = parse_config(tiny_params(train={"batch_size": 10**7}, limits={"machine": "ignore"}))
+    assert environment_problems(shard)[0].startswith("train.batch_size: 10000000 per process, but each of the 1")
+
+
+def test_the_check_stage_exits_naming_the_alias_before_expanding_it(tmp_path):
+    """Through the stage's own command, as dvc.yaml runs it: one line, exit 1, no traceback."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text() + ALIAS_BOMB)
+    done = subprocess.run([sys.executable, "-m", "pipeline.check", "--out", "out/check.txt"], cwd=tmp_path,
+                          env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "YAML anchors and aliases (&name, *name) are not accepted" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out" / "check.txt").exists()
+
+
+def test_a_store_directory_on_a_read_only_mount_is_refused(tmpfs):
+    """The issue's trial: the directory itself a read-only mount, its parent writable."""
+    from dddm.config import parse_config
+    from pipeline.check import environment_problems
+
+    read_only_mount = tmpfs("1m", read_only=True)
+    cfg = parse_config(tiny_params(method={"udddm": {"store": {"directory": str(read_only_mount)}}}))
+    assert environment_problems(cfg) == [f"method.udddm.store.directory: {read_only_mount} is not a writable "
+                                         f"directory (Read-only file system)"]

@@ -64,9 +64,12 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
 
 def run_directory(cfg: Config, method: str, fingerprint: str) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration and
-    dataset, so `resume: auto` never continues a run of other parameters."""
+    dataset, so `resume: auto` never continues a run of other parameters. The world size counts, not how it
+    is split into nodes and processes: 2 nodes x 4 continue what 1 x 8 began (the same ranks and batches)."""
     identity = cfg.model_dump(mode="json", include={"seed", "data", "model", "train"})
-    identity["train"] = {k: v for k, v in identity["train"].items() if k not in ("resume", "device", "keep_checkpoints")}
+    identity["train"] = {k: v for k, v in identity["train"].items()
+                         if k not in ("resume", "device", "keep_checkpoints", "nproc", "nnodes")}
+    identity["train"]["world_size"] = cfg.train.world_size
     identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"

@@ -127,3 +127,26 @@ def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launch
     assert "train: invalid parameters" in result.stderr and "rendezvous.endpoint: required with train.nnodes=2" \
         in result.stderr, result.stderr
     assert "torch.distributed" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path):
+    """DVC exits on SIGTERM without stopping its command: the launcher notices and torchrun stops its workers.
+    DVC runs its command with $SHELL -c: /bin/sh (dash) keeps the launcher as its child, so the launcher
+    watches DVC itself (bash execs the command, and the launcher's parent-death signal suffices)."""
+    from conftest import copy_repo, write_params
+
+    repo = copy_repo(tmp_path / "repo")
+    write_params(repo, tiny_params(methods=["udddm"], train={"epochs": 500, "nproc": 2}))
+    dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@udddm"], cwd=repo,
+                           env=run_env(SHELL="/bin/sh"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((repo / "checkpoints").glob("udddm-*/history.jsonl")):
+        assert dvc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.1)
+    tree = psutil.Process(dvc.pid).children(recursive=True)
+    assert sum("-m pipeline.train" in " ".join(p.cmdline()) for p in tree) == 2, tree  # the two workers
+    dvc.terminate()
+    dvc.wait(30)
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"still running 10 s after SIGTERM to dvc: {[(p.pid, p.cmdline()) for p in alive]}"

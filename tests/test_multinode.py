@@ -103,6 +103,7 @@ def test_two_nodes_train_what_one_node_trains_and_a_kill_9_of_one_node_stops_bot
     runs = mlflow.MlflowClient(shared[1]).search_runs(
         [mlflow.MlflowClient(shared[1]).get_experiment_by_name("two-nodes").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    assert runs[0].data.tags["host"] == socket.gethostname() and len(runs[0].data.tags["mlflow.source.git.commit"]) == 40
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from conftest import copy_repo, run_env, tiny_params, write_params
 from test_flows import QUIET, mlflow_server, prefect_client, prefect_server, start, stop  # noqa: F401 (fixtures)
@@ -65,13 +64,12 @@ def test_two_workers_in_other_clones_run_two_points_at_once_into_the_shared_serv
         for worker in workers:
             stop(worker)
 
-    # two points at once, one on each worker, each in its worker's own workspace at the deployed commit
+    # two points at once, one on each worker
     first, second = sorted(runs, key=lambda r: r.start_time)
     assert second.start_time < first.end_time, (first.start_time, first.end_time, second.start_time)
-    ran = {yaml.safe_load((tmp_path / n / "dddm-workspace" / "params.yaml").read_text())["method"]["udddm"]["metric"]
-           for n in "bc"}
-    assert ran == {"l2", "pseudo_huber"}
-    assert {sh(["git", "rev-parse", "HEAD"], tmp_path / n / "dddm-workspace").strip() for n in "bc"} == {commit}
+    took = [{r.name for r in runs if f"Flow run '{r.name}'" in (tmp_path / f"worker-{n}.log").read_text()}
+            for n in "bc"]
+    assert sorted(map(len, took)) == [1, 1] and took[0] != took[1], took
 
     # both training runs in the shared MLflow server, tagged with the commit and the host
     mlflow = MlflowClient(mlflow_server)

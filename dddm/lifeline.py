@@ -4,10 +4,11 @@ killed launcher would otherwise live on and then train).
 
 - A torchrun worker dies with its agent (`die_with_launcher`): torchrun starts workers in sessions of
   their own, so a kill of the launching process group does not reach them.
-- The train stage's launcher (`pipeline.launch`, the torchrun agent) stops with the stage's process
+- The train stage's launcher (`pipeline.launch`, the torchrun agent), run by DVC, stops with DVC
   (`stop_with_stage`): DVC exits on SIGTERM without stopping its command, and `/bin/sh -c` (DVC's shell
   when $SHELL is unset) does not exec that command, so the launcher watches the nearest ancestor that is
-  not a shell and SIGTERMs itself when it ends; torchrun's agent then stops its workers.
+  not a shell and SIGTERMs itself when it ends; torchrun's agent then stops its workers. Started by hand
+  (another node's agent, under nohup or srun) it is left alone, as torchrun is.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def stage_process() -> int | None:
 
 
 def stop_with_stage() -> None:
-    """SIGTERM this process when its parent dies, or when the stage's process (`stage_process`) ends."""
-    if not sys.platform.startswith("linux"):
+    """Under DVC (which sets DVC_STAGE for a stage's command): SIGTERM this process when its parent dies,
+    or when the stage's process (`stage_process`) ends."""
+    if not sys.platform.startswith("linux") or "DVC_STAGE" not in os.environ:
         return
     parent = os.getppid()
     kill_with_parent(signal.SIGTERM)

@@ -6,8 +6,8 @@ dvc.yaml runs it on the node that runs `dvc repro`. With `train.nnodes` > 1 ever
 command in its own checkout (README, "Running on a cluster"); their agents meet at `rendezvous.endpoint`
 (torchrun's c10d backend). With one node it is torchrun's loopback rendezvous (dddm/rendezvous.py).
 
-No param reaches a shell: the validated values go to torchrun as a list of arguments. The launcher stops
-with the stage's process (dddm/lifeline.py: DVC exits on SIGTERM without stopping its command), and
+No param reaches a shell: the validated values go to torchrun as a list of arguments. Run by DVC, the
+launcher stops with DVC (dddm/lifeline.py: DVC exits on SIGTERM without stopping its command), and
 torchrun's agent stops its workers when it is stopped.
 """
 

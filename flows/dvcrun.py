@@ -222,6 +222,13 @@ def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
     return sets
 
 
+def untracked_gitignores(repo: Path) -> list[str]:
+    """The .gitignore files git does not track yet (DVC writes one beside each cached output)."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    return [path for path in listed if Path(path).name == ".gitignore"]
+
+
 def has_git_remote(repo: Path, name: str) -> bool:
     return subprocess.run(["git", "remote", "get-url", name], cwd=repo, capture_output=True).returncode == 0
 

@@ -103,8 +103,11 @@ def save_experiment(repo: str, name: str) -> str | None:
         logger.warning("the repository has no commit yet, so no DVC experiment is saved (dvc.lock holds "
                        "the lineage); commit once to get `dvc exp show` entries")
         return None
-    include = [arg for path in dvcrun.uncached_outputs(Path(repo)) if (Path(repo) / path).exists()
-               for arg in ("--include-untracked", path)]
+    # the uncached outputs, and the .gitignore files DVC wrote beside outputs (part of the hashes of the
+    # directories later stages depend on: without them `dvc exp apply` elsewhere leaves those stages stale)
+    untracked = [path for path in dvcrun.uncached_outputs(Path(repo)) if (Path(repo) / path).exists()]
+    untracked += dvcrun.untracked_gitignores(Path(repo))
+    include = [arg for path in untracked for arg in ("--include-untracked", path)]
     dvcrun.run(["exp", "save", "--force", "--name", name, *include], Path(repo), logger)
     return name
 

@@ -253,7 +253,8 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     shared = load_file(path / TRAIN_STATE, "training state")
     if shared["world_size"] != world.world_size:
         raise CheckpointError(f"{path}: written by {shared['world_size']} process(es) but this run has "
-                              f"{world.world_size}; resume with the same train.nproc or start a new run")
+                              f"{world.world_size}; resume with train.nnodes x train.nproc = {shared['world_size']} "
+                              "or start a new run")
     own = load_file(path / f"rank{world.rank}.pt", "rank state")
     net.load_state_dict(shared["model"])
     ema.load_state_dict(shared["ema"])

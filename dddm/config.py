@@ -63,6 +63,7 @@ class TrainConfig(Section):
     compile: bool  # torch.compile the network
     device: Literal["auto", "cpu", "cuda"]
     nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
+    nnodes: int = Field(ge=1)  # machines; above 1 torchrun meets the others through `rendezvous`
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
     checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
     keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones
@@ -78,6 +79,28 @@ class FinetuneConfig(Section):
     init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
     epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
     lr: float = Field(gt=0.0, allow_inf_nan=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
+
+class RendezvousConfig(Section):
+    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
+    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
+
+    endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
+    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{v!r} is not host:port (for example node0.cluster:29500)")
+        return v
 
 
 class SampleConfig(Section):
@@ -120,6 +143,7 @@ class Config(Section):
     method: MethodConfig
     train: TrainConfig
     finetune: FinetuneConfig
+    rendezvous: RendezvousConfig
     sampler: SamplerSection  # each method's sampling params: changing them resamples, never retrains
     sample: SampleConfig
     score: ScoreConfig
@@ -174,6 +198,9 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"{'data' if key == 'image_size' else 'model'}.{e}") from None
     for name in METHODS:
         cfg.make_method(name)  # rules across a method's training and sampling sections
+    if cfg.train.nnodes > 1 and cfg.rendezvous.endpoint is None:
+        raise ConfigError(f"rendezvous.endpoint: required with train.nnodes={cfg.train.nnodes} "
+                          "(host:port of the node whose agent hosts the rendezvous, reachable from every node)")
     if cfg.data.source != "digits" and not cfg.data.path:
         raise ConfigError(f"data.path: required for data.source={cfg.data.source!r} (a local path or fsspec URL)")
     _check_finetune(cfg)

@@ -5,15 +5,14 @@ A plain `python` launch (no torchrun environment) is a world of one with no proc
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from . import lifeline
 
 
 @dataclass(frozen=True)
@@ -40,42 +39,27 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 LOOPBACK = "127.0.0.1"
 
 
-def torchrun_command(nproc: int) -> list[str]:
-    """torchrun for `nproc` workers on this machine, as dvc.yaml's train stage runs it: the `loopback`
-    rendezvous (dddm/rendezvous.py) keeps every listener on 127.0.0.1."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=loopback", f"--rdzv-endpoint={LOOPBACK}:0"]
+def torchrun_args(nproc: int, nnodes: int = 1, endpoint: str | None = None, run_id: str = "dddm",
+                  timeout_s: int = 600) -> list[str]:
+    """torchrun's options for `nproc` workers on each of `nnodes` nodes. One node: the `loopback`
+    rendezvous (dddm/rendezvous.py) keeps every listener on 127.0.0.1. Several: torchrun's c10d rendezvous
+    at `endpoint`, each node waiting `timeout_s` for the others (joining, and reaching the endpoint)."""
+    if nnodes == 1:
+        rendezvous = ["--rdzv-backend=loopback", f"--rdzv-endpoint={LOOPBACK}:0"]
+    else:
+        rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={run_id}",
+                      f"--rdzv-conf=join_timeout={timeout_s},read_timeout={timeout_s}"]
+    return [f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", *rendezvous]
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def kill_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies."""
-    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-
-
-def die_with_launcher() -> None:
-    """Under torchrun (Linux): SIGKILL this worker when the torchrun agent dies. torchrun starts its
-    workers in new sessions, so a kill -9 of the launching process group (dvc repro, torchrun) would
-    otherwise leave them training as orphans next to the trainer a rerun starts."""
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    parent = os.getppid()
-    kill_with_parent()
-    # The launcher may have died before the prctl: then this process was re-parented already.
-    try:
-        launcher = b"torch" in Path(f"/proc/{parent}/cmdline").read_bytes()
-    except OSError:
-        launcher = False
-    if os.getppid() != parent or not launcher:
-        raise SystemExit(f"worker {os.getpid()}: its torchrun launcher is gone (parent is now pid {os.getppid()})")
+def torchrun_command(nproc: int, **rendezvous) -> list[str]:
+    """torchrun as a command line (tests, benchmarks); the train stage runs its agent in pipeline.launch."""
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, **rendezvous)]
 
 
 def init(device_preference: str = "auto") -> World:
     """Join the torchrun process group if launched by torchrun, else a world of one."""
-    die_with_launcher()
+    lifeline.die_with_launcher()  # again: a worker entry point that did not call it first
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sqlite3
+import socket
 import subprocess
 import sys
 import time
@@ -131,11 +132,12 @@ def git_commit() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """The tags the MLflow UI shows as a run's Source, User and Git commit."""
+    """The tags the MLflow UI shows as a run's Source, User and Git commit, and the machine that logged it
+    (runs of several clones and machines share one tracking server)."""
     script = Path(sys.argv[0] or "python").resolve()
     source = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script.name
     return {"mlflow.source.name": str(source), "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser(),
-            "mlflow.source.git.commit": git_commit()}
+            "mlflow.source.git.commit": git_commit(), "host": socket.gethostname()}
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:

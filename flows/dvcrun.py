@@ -284,6 +284,28 @@ def refuse_if_busy(repo: Path) -> None:
                              f"nothing was changed: start the experiment when it has finished")
 
 
+def untracked_gitignores(repo: Path) -> list[str]:
+    """The .gitignore files git does not track yet (DVC writes one beside each cached output)."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    return [path for path in listed if Path(path).name == ".gitignore"]
+
+
+def has_git_remote(repo: Path, name: str) -> bool:
+    return subprocess.run(["git", "remote", "get-url", name], cwd=repo, capture_output=True).returncode == 0
+
+
 def has_commit(repo: Path) -> bool:
     return subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=repo,
                           capture_output=True).returncode == 0
+
+
+def remotes(repo: Path) -> tuple[dict[str, str], str | None]:
+    """DVC's remotes ({name: url}, from every config level) and the default one's name (`dvc remote default`)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        config = dvc_repo.config
+        return {name: conf.get("url", "") for name, conf in config.get("remote", {}).items()}, \
+            config.get("core", {}).get("remote")
+

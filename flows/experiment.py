@@ -103,9 +103,35 @@ def save_experiment(repo: str, name: str) -> str | None:
         logger.warning("the repository has no commit yet, so no DVC experiment is saved (dvc.lock holds "
                        "the lineage); commit once to get `dvc exp show` entries")
         return None
-    include = [arg for path in dvcrun.uncached_outputs(Path(repo)) if (Path(repo) / path).exists()
-               for arg in ("--include-untracked", path)]
+    # the uncached outputs, and the .gitignore files DVC wrote beside outputs (part of the hashes of the
+    # directories later stages depend on: without them `dvc exp apply` elsewhere leaves those stages stale)
+    untracked = [path for path in dvcrun.uncached_outputs(Path(repo)) if (Path(repo) / path).exists()]
+    untracked += dvcrun.untracked_gitignores(Path(repo))
+    include = [arg for path in untracked for arg in ("--include-untracked", path)]
     dvcrun.run(["exp", "save", "--force", "--name", name, *include], Path(repo), logger)
+    return name
+
+
+@task(name="push-outputs", task_run_name="push-outputs")
+def push_outputs(repo: str, remote: str | None, experiment: str | None) -> str | None:
+    """`dvc push` of the finished run's cached outputs to `remote`, or to DVC's default remote when one is set;
+    another clone then `dvc pull`s them and its `dvc repro` has nothing to do. With a git remote `origin`
+    (a work pool's clone has one), the DVC experiment goes there too: `dvc exp pull origin NAME` elsewhere."""
+    logger = get_run_logger()
+    known, default = dvcrun.remotes(Path(repo))
+    name = remote or default
+    if name is None:
+        logger.info("no DVC remote is set: the outputs stay in this workspace (share them with `dvc remote add "
+                    "-d NAME URL`: a shared directory, s3://bucket/path, gs://bucket/path, ssh://host/path)")
+        return None
+    if name not in known:
+        raise ValueError(f"DVC remote {name!r} is not configured in {repo} (configured: {', '.join(known) or 'none'}); "
+                         f"add it with `dvc remote add {name} URL` (a shared directory, s3://..., gs://..., ssh://...); "
+                         "the run's outputs stay in the workspace")
+    dvcrun.run(["push", "--remote", name], Path(repo), logger, what=f"dvc push to remote {name!r}")
+    if experiment and dvcrun.has_git_remote(Path(repo), "origin"):
+        dvcrun.run(["exp", "push", "--remote", name, "origin", experiment], Path(repo), logger,
+                   what=f"dvc exp push origin {experiment}")
     return name
 
 
@@ -156,11 +182,12 @@ def experiment_name() -> str:
 @flow(name="udddm-experiment")
 def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC, registry: bool = True,
                alias: str = "champion", stage_timeout_s: float = 24 * 3600, stage_retries: int = 2,
-               repo: str | None = None) -> dict:
+               repo: str | None = None, remote: str | None = None) -> dict:
     """Run the DVC pipeline with `overrides` ({"method.udddm.process": "vp", "sample.num_samples": 512}), one
     task per stage; register the EMA model of the method `metric` names as `<method>-<data.source>` and move
     `alias` to it if `metric` (`<method>/nfe<k>/<name>`, e.g. udddm/nfe1/fid_classifier, lower is better;
-    edm/nfe35/recall, higher) improves."""
+    edm/nfe35/recall, higher) improves. The outputs are pushed to the DVC remote `remote` (default: DVC's
+    default remote, if one is set)."""
     root = Path(repo).resolve() if repo else REPO
     lower_is_better(metric)  # an unknown metric fails before any work
     method = split_metric(metric)[0]
@@ -174,6 +201,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
         params = yaml.safe_load((root / "params.yaml").read_text())
         metrics, references = read_scores(root, dvcrun.compared_methods(params))
         saved = save_experiment(str(root), name)
+        pushed = push_outputs(str(root), remote, saved)  # after the rollback scope: a failed push keeps the outputs
     if method not in references:
         raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods "
                          f"{dvcrun.compared_methods(params)}")
@@ -198,7 +226,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     if url:
         create_link_artifact(url, link_text=f"MLflow run of {method}", key="udddm-mlflow-run",
                              description="the training run, its samples and scores in the MLflow UI")
-    return {"experiment": saved, "overrides": overrides or {}, "dataset": params["data"]["source"], "metrics": metrics,
+    return {"experiment": saved, "pushed_to": pushed, "overrides": overrides or {}, "dataset": params["data"]["source"], "metrics": metrics,
             "run_id": run_id, "tracking_uri": tracking_uri, "registry": registered,
             "runs": {m: {"run_id": r["run_id"], "tracking_uri": resolve_uri(r["tracking_uri"], root)}
                      for m, r in references.items()}}

@@ -68,7 +68,27 @@ def temp_experiment(repo: str, name: str, overrides: dict[str, Any], timeout_s: 
     args = ["exp", "run", "--temp", "--name", name, *(a for s in dvcrun.set_params(overrides) for a in ("-S", s))]
     dvcrun.run(args, root, get_run_logger(), timeout_s, extra_env={"MLFLOW_TRACKING_URI": tracking},
                what=f"experiment {name}")
+    return read_experiment(root, name, overrides, tracking)
 
+
+@task(name="pool-experiment", task_run_name="{deployment}: {overrides}")
+def pool_experiment(repo: str, deployment: str, overrides: dict[str, Any], metric: str, timeout_s: float) -> dict:
+    """One point as a flow run of the work-pool deployment `deployment` (prefect.yaml): whichever worker is
+    free runs it in its own clone and pushes its DVC experiment to git's `origin` and the DVC remote;
+    the experiment is pulled back here to be compared."""
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(deployment, parameters={"overrides": overrides, "metric": metric, "registry": False,
+                                                 "stage_timeout_s": timeout_s})
+    if not run.state.is_completed():
+        raise RuntimeError(f"{deployment} run {run.name}: {run.state.type.value}: {run.state.message}")
+    name = f"{run.name}-{str(run.id)[:8]}"  # flows.experiment.experiment_name() of that run
+    dvcrun.run(["exp", "pull", "origin", name], Path(repo), get_run_logger(), what=f"dvc exp pull origin {name}")
+    return read_experiment(Path(repo), name, overrides, os.environ.get("MLFLOW_TRACKING_URI", ""))
+
+
+def read_experiment(root: Path, name: str, overrides: dict[str, Any], tracking: str) -> dict:
+    """A finished DVC experiment's params, scores and MLflow run references, read from its commit."""
     def read(path: str):  # from the experiment's commit
         return yaml.safe_load(dvc.api.read(path, repo=str(root), rev=name))
 
@@ -130,10 +150,12 @@ def score_of(result: dict, metric: str) -> float | None:
 @flow(name="udddm-sweep")
 def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
           registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
-          repo: str | None = None, points: list[dict[str, Any]] | None = None) -> list[dict]:
+          repo: str | None = None, points: list[dict[str, Any]] | None = None, deployment: str | None = None) -> list[dict]:
     """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}), or the explicit `points`
     when given, on top of `overrides`, `concurrency` at a time; the best by `metric`
-    (`<method>/nfe<k>/<name>`) is registered; the points' MLflow runs are grouped under one parent run."""
+    (`<method>/nfe<k>/<name>`) is registered; the points' MLflow runs are grouped under one parent run.
+    With `deployment` (a work-pool deployment, `udddm-experiment/pool`), each point is a flow run of it,
+    `concurrency` at a time, on whichever of the pool's workers are free."""
     logger = get_run_logger()
     root = Path(repo).resolve() if repo else REPO
     lower_is_better(metric)
@@ -147,7 +169,16 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         dvcrun.check_sets(root / "params.yaml", dvcrun.set_params({**(overrides or {}), **point}))
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
-    if concurrency == 1:
+    if deployment:
+        with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
+            futures = [runner.submit(pool_experiment, {"repo": str(root), "deployment": deployment,
+                                                        "overrides": {**(overrides or {}), **point}, "metric": metric,
+                                                        "timeout_s": stage_timeout_s})
+                       for point in points]
+            wait(futures)
+        for point, future in zip(points, futures):
+            rows.append((point, future.result() if future.state.is_completed() else None))
+    elif concurrency == 1:
         for point in points:
             state = experiment(overrides={**(overrides or {}), **point}, metric=metric, registry=False,
                                stage_timeout_s=stage_timeout_s, repo=str(root), return_state=True)

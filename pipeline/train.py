@@ -1,23 +1,28 @@
-"""Stages train and finetune: one method, under `torchrun --nproc_per_node=<train.nproc> -m pipeline.train`
-(or plain python), from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from`.
+"""Stages train and finetune: one method, under torchrun (`python -m pipeline.launch pipeline.train ...`) or
+plain python, from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from`.
 
 Writes <out>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
 step's loss terms and schedule values, the step count), loss.tsv, curve.tsv (the learning curve, every
-train.eval_every epochs) and mlflow_run.json (the MLflow run that sample and score log into). Checkpoints and the x0 store live in
-<train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an interrupted `dvc repro` resumes.
+train.eval_every epochs) and mlflow_run.json (the MLflow run that sample and score log into).
+Checkpoints and the x0 store live in <train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an
+interrupted `dvc repro` resumes.
 """
 
-import json
-from pathlib import Path
+from dddm.lifeline import die_with_launcher
 
-from dddm import checkpoint, distributed, runlock
-from dddm.curves import LearningCurve
-from dddm.data import PreparedDataset
-from dddm.finetune import InitialisationError, load_initialisation
-from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference
-from dddm.training import TrainingDiverged, run_directory, train, write_history
+die_with_launcher()  # before the imports below (torch: seconds): a worker of a killed launcher never trains
 
-from .common import start
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dddm import checkpoint, distributed, runlock  # noqa: E402
+from dddm.curves import LearningCurve  # noqa: E402
+from dddm.data import PreparedDataset  # noqa: E402
+from dddm.finetune import InitialisationError, load_initialisation  # noqa: E402
+from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference  # noqa: E402
+from dddm.training import TrainingDiverged, run_directory, train, write_history  # noqa: E402
+
+from .common import start  # noqa: E402
 
 
 def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init) -> MlflowTracker:
@@ -55,6 +60,11 @@ def main() -> None:
         raise SystemExit(f"train: {e}")
     world = distributed.init(cfg.train.device)
     run_dir = run_directory(cfg, method.name, info.fingerprint, init)
+    identities = distributed.all_gather_objects(run_dir.name)  # the run's identity as every rank's params give it
+    if len(set(identities)) > 1:
+        differ = ", ".join(f"rank {r}: {name}" for r, name in enumerate(identities) if name != identities[0])
+        raise SystemExit(f"train: the nodes' params.yaml or prepared data differ (rank 0: {identities[0]}; {differ}); "
+                         "every node needs the same params.yaml and data/prepared.arrow")
     shape = (info.channels, info.image_size, info.image_size)
     try:
         curve = LearningCurve(method, shape, run_dir, args.classifier, cfg.score, cfg.train.eval_samples,

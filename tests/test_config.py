@@ -49,6 +49,13 @@ def test_repo_params_load():
     ({"train": {"nproc": "two"}}, "train.nproc"),
     ({"train": {"nproc": 0}}, "train.nproc"),
     ({"train": {"lr": float("nan")}}, "train.lr"),
+    ({"train": {"nnodes": 0}}, "train.nnodes"),
+    ({"train": {"nnodes": 2}}, "rendezvous.endpoint: required with train.nnodes=2"),
+    ({"train": {"nnodes": 2}, "rendezvous": {"endpoint": "node0"}}, "rendezvous.endpoint: Value error, 'node0' is not host:port"),
+    ({"rendezvous": {"endpoint": "node0:http"}}, "rendezvous.endpoint: Value error"),
+    ({"rendezvous": {"endpoint": "node0:70000"}}, "rendezvous.endpoint: Value error"),
+    ({"rendezvous": {"id": "a b; rm"}}, "rendezvous.id"),
+    ({"rendezvous": {"timeout": 0}}, "rendezvous.timeout"),
     ({"data": {"source": "cifar10", "path": None}}, "data.path"),
     ({"data": {"source": "mnist"}}, "data.source"),
 ])

@@ -1,0 +1,75 @@
+"""The train stage's launcher: torchrun's agent in this process, its options read from params.yaml.
+
+    python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train/udddm
+
+dvc.yaml runs it on the node that runs `dvc repro`. With `train.nnodes` > 1 every other node runs the same
+command in its own checkout (README, "Running on a cluster"); their agents meet at `rendezvous.endpoint`
+(torchrun's c10d backend). With one node it is torchrun's loopback rendezvous (dddm/rendezvous.py).
+
+No param reaches a shell: the validated values go to torchrun as a list of arguments. Run by DVC, the
+launcher stops with DVC (dddm/lifeline.py: DVC exits on SIGTERM without stopping its command), and
+torchrun's agent stops its workers when it is stopped.
+"""
+
+from dddm.lifeline import stop_with_stage
+
+stop_with_stage()  # before the imports below (torch: seconds), so a stage stopped meanwhile leaves nothing
+
+import argparse  # noqa: E402
+import ipaddress  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+from dddm.config import ConfigError, load_config  # noqa: E402
+from dddm.distributed import torchrun_args  # noqa: E402
+
+from .common import PARAMS  # noqa: E402
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("module", help="the worker module every process runs (pipeline.train)")
+    ap.add_argument("--method", required=True, help="a key of params `method` (udddm, ict, edm)")
+    args, args.worker_args = ap.parse_known_args()  # the rest are the worker's own arguments
+    if not re.fullmatch(r"pipeline\.\w+", args.module):
+        ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
+    try:
+        cfg = load_config(PARAMS)
+        cfg.method_config(args.method)
+    except (ConfigError, ValueError) as e:
+        sys.exit(f"train: invalid parameters\n{e}")
+    tc, rdzv = cfg.train, cfg.rendezvous
+    # the method in the id: each method's stage is its own rendezvous, so a node that starts the next
+    # method's launcher early never joins the previous one's closing round
+    options = torchrun_args(tc.nproc, tc.nnodes, rdzv.endpoint, f"{rdzv.id}-{args.method}", rdzv.timeout)
+    # torch's rendezvous registry first: it loads dddm.rendezvous (the loopback plug-in) by its entry point
+    from torch.distributed.elastic.rendezvous import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    if tc.nnodes > 1 and is_loopback(rdzv.endpoint.rpartition(":")[0]):
+        # every node is this machine (a rehearsal, the tests): the workers' collectives stay on loopback too
+        from dddm.rendezvous import loopback_interface
+
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback_interface())
+
+    try:
+        run(parse_args([*options, "-m", args.module, "--method", args.method, *args.worker_args]))
+    except RendezvousError as e:
+        sys.exit(f"train: the rendezvous at {rdzv.endpoint} (rendezvous.endpoint) failed: "
+                 f"{type(e).__name__}: {e}\nEach of the train.nnodes={tc.nnodes} nodes runs `python -m pipeline.launch "
+                 f"{args.module} --method {args.method} {' '.join(args.worker_args)}` with the same params.yaml, "
+                 f"within rendezvous.timeout={rdzv.timeout} s of the first, and reaches {rdzv.endpoint}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Workers on "other machines", rehearsed on one: prefect.yaml's work-pool deployments, two Prefect workers
+started in two more clones of the repository, real Prefect and MLflow servers on 127.0.0.1, a shared-directory
+DVC remote and a bare git repository as the remotes every clone reaches."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import copy_repo, run_env, tiny_params, write_params
+from test_flows import QUIET, mlflow_server, prefect_client, prefect_server, start, stop  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+POINTS = [{"method.udddm.metric": "l2"}, {"method.udddm.metric": "pseudo_huber"}]
+
+
+def sh(cmd, cwd, env=None) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env or run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{cmd}: {result.stdout[-3000:]}{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_two_workers_in_other_clones_run_two_points_at_once_into_the_shared_servers_and_remotes(
+        tmp_path, prefect_server, mlflow_server):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+
+    origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
+    here = copy_repo(tmp_path / "a")  # the clone that deploys and triggers
+    write_params(here, tiny_params(methods=["udddm"]))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], here)
+    sh(["git", "init", "-q", "--bare", str(origin)], tmp_path)
+    sh(["git", "remote", "add", "origin", str(origin)], here)
+    sh(["git", "add", "-A"], here)
+    sh([*git, "commit", "-qm", "tiny"], here)
+    sh(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], here)
+    commit = sh(["git", "rev-parse", "HEAD"], here).strip()
+
+    env = run_env(**prefect_server, **QUIET, MLFLOW_TRACKING_URI=mlflow_server)
+    sh([sys.executable, "-m", "prefect", "work-pool", "create", "udddm", "--type", "process"], here, env)
+    sh([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], here,
+       env | {"DDDM_GIT_URL": str(origin), "DDDM_GIT_COMMIT": commit})
+    workers = []
+    try:
+        for name in ("b", "c"):
+            clone = tmp_path / name
+            sh(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+            workers.append(start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "udddm", "--limit", "1",
+                                  "--name", f"worker-{name}"], tmp_path / f"worker-{name}.log", cwd=clone,
+                                 env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}))
+        with prefect_client(prefect_server) as client:
+            runs = [run_deployment("udddm-experiment/pool", client=client, parameters={"overrides": point},
+                                   timeout=0, as_subflow=False) for point in POINTS]
+            deadline = time.time() + 900
+            while not all(r.state and r.state.is_final() for r in runs):
+                assert time.time() < deadline, [r.state for r in runs]
+                time.sleep(3)
+                runs = [client.read_flow_run(r.id) for r in runs]
+        logs = "".join((tmp_path / f"worker-{n}.log").read_text()[-3000:] for n in "bc")
+        assert all(r.state.is_completed() for r in runs), [r.state for r in runs] + [logs]
+    finally:
+        for worker in workers:
+            stop(worker)
+
+    # two points at once, one on each worker
+    first, second = sorted(runs, key=lambda r: r.start_time)
+    assert second.start_time < first.end_time, (first.start_time, first.end_time, second.start_time)
+    took = [{r.name for r in runs if f"Flow run '{r.name}'" in (tmp_path / f"worker-{n}.log").read_text()}
+            for n in "bc"]
+    assert sorted(map(len, took)) == [1, 1] and took[0] != took[1], took
+
+    # both training runs in the shared MLflow server, tagged with the commit and the host
+    mlflow = MlflowClient(mlflow_server)
+    trained = [r for r in mlflow.search_runs([mlflow.get_experiment_by_name("udddm-digits").experiment_id])
+               if r.data.tags.get("method") == "udddm" and "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.data.params["method.udddm.metric"] for r in trained) == ["l2", "pseudo_huber"]
+    assert all(r.data.tags["mlflow.source.git.commit"] == commit and r.data.tags["host"] for r in trained)
+
+    # the first clone pulls an experiment a worker ran: its params, its model, from the shared remotes
+    names = sh([sys.executable, "-m", "dvc", "exp", "ls", "--name-only", "origin"], here).split()
+    assert len(names) == 2, names
+    sh([sys.executable, "-m", "dvc", "exp", "pull", "origin", names[0]], here)
+    sh([sys.executable, "-m", "dvc", "exp", "apply", names[0]], here)
+    assert (here / "out/train/udddm/model.pt").is_file() and (here / "out/score/udddm/metrics.json").is_file()
+    assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], here)

@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from dddm.evaluation import HEADLINE
+from dddm.headline import HEADLINE
 from flows import dvcrun
 from dddm.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
                             split_metric)

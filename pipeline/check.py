@@ -5,20 +5,24 @@ Every stage depends on this stage's output, so DVC runs it first and an invalid 
 does not depend on the params, so a valid change reruns only the stages whose params changed.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
-
-from dddm.config import Config
+from typing import TYPE_CHECKING
 
 from .common import start
+
+if TYPE_CHECKING:
+    from dddm.config import Config
 
 
 def environment_problems(cfg: Config) -> list[str]:
     """What params.yaml asks that this machine cannot give; each names the key."""
+    import torch
+
     problems = []
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():

@@ -8,7 +8,7 @@ import json
 
 from PIL import Image, ImageDraw
 
-from dddm.evaluation import HEADLINE, fid_name
+from dddm.headline import HEADLINE, fid_name
 
 from .common import start
 

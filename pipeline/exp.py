@@ -17,8 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-from dvc.exceptions import DvcException
-
 from flows.dvcrun import check_sets
 
 # dvc exp show's column names: a metric is `<key>`, or `<file>:<key>` where two files share the key;
@@ -39,6 +37,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set-param", dest="sets", action="append", default=[], help="as `dvc exp run -S`")
     args, _ = ap.parse_known_args()
+    from dvc.exceptions import DvcException
+
     try:
         check_sets(Path("params.yaml"), args.sets)
     except (ValueError, DvcException) as e:

@@ -13,8 +13,6 @@ import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedSeq
 
-from dddm.config import ConfigError, merge_params, parse_config
-
 from .common import PARAMS
 
 
@@ -46,6 +44,8 @@ def main() -> None:
     ap.add_argument("preset", type=Path, nargs="?", help="a partial params file, e.g. presets/cifar10-vp.yaml")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. data.path=/data/cifar-10-python.tar.gz")
     args = ap.parse_args()
+    from dddm.config import ConfigError, merge_params, parse_config  # torch, through the methods' registry
+
     overrides: dict = {}
     if args.preset is not None:
         if "=" in str(args.preset):  # only overrides given

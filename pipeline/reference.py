@@ -5,17 +5,18 @@ samples) scored against those statistics, the floor a generator can reach at tha
 
 import json
 
-from dddm.classifier import HOLDOUT_FRACTION, split_indices
-from dddm.data import PreparedDataset
-from dddm.distributed import resolve_device
-from dddm.evaluation import evaluate_samples, headline
-from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
-
 from .common import start
+
 
 def main() -> None:
     cfg, args = start("reference", __doc__, prepared="the prepared Arrow file", classifier="the scoring classifier",
                       out="the reference statistics directory to write", real="the real-data row's metrics JSON")
+    from dddm.classifier import HOLDOUT_FRACTION, split_indices
+    from dddm.data import PreparedDataset
+    from dddm.distributed import resolve_device
+    from dddm.evaluation import evaluate_samples, headline
+    from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
+
     dataset = PreparedDataset(args.prepared)
     device = resolve_device(cfg.train.device)
     try:

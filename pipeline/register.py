@@ -5,8 +5,7 @@ holder's, whoever registered that (this stage, or a Prefect flow) -> <out> (what
 import json
 from pathlib import Path
 
-from dddm.evaluation import fid_name
-from dddm.registry import model_name, register_if_better, resolve_uri
+from dddm.headline import fid_name
 
 from .common import start
 
@@ -22,6 +21,8 @@ def main() -> None:
     cfg, args = start("register", __doc__, scores="the score stages' directory (one sub-directory per method)",
                       runs="the train stages' directory (each method's mlflow_run.json)",
                       out="the JSON file of what was registered")
+    from dddm.registry import model_name, register_if_better, resolve_uri  # MLflow
+
     registered = {}
     if cfg.tracking.register_models:
         for method in cfg.methods:

@@ -1,19 +1,19 @@
 """Stage sample: a method's EMA model -> <out>/<s>-step.npz (uint8) and a PNG grid per step count
 (`sampler.<name>.steps`); the score stage logs both grids and scores to MLflow."""
 
-import numpy as np
-
-from dddm.checkpoint import CheckpointError, load_model
-from dddm.distributed import resolve_device
-from dddm.pixels import save_grid, to_uint8
-from dddm.sampling import sample
-
 from .common import start
 
 
 def main() -> None:
     cfg, args = start("sample", __doc__, per_method=True, model="the trained model.pt",
                       out="the directory of samples to write")
+    import numpy as np
+
+    from dddm.checkpoint import CheckpointError, load_model
+    from dddm.distributed import resolve_device
+    from dddm.pixels import save_grid, to_uint8
+    from dddm.sampling import sample
+
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)

@@ -6,19 +6,6 @@ run of this evaluation, a child of the method's training run."""
 
 import json
 
-import numpy as np
-
-from dddm.checkpoint import CheckpointError, load_model
-from dddm.data import PreparedDataset
-from dddm.diagnostics import udddm_diagnostics
-from dddm.distributed import resolve_device
-from dddm.evaluation import evaluate_samples, headline
-from dddm.methods import UDDDM
-from dddm.sampling import sample
-from dddm.scoring import INCEPTION_FID_LAYER, InceptionWeightsMissing
-from dddm.scoring.inception import search_inception_weights
-from dddm.tracking import EvaluationRun
-
 from .common import start
 
 SUMMARY = ("fid", "fid_classifier", "precision", "recall", "classes")
@@ -26,6 +13,9 @@ SUMMARY = ("fid", "fid_classifier", "precision", "recall", "classes")
 
 def feature_network_reason(row: dict, score_cfg) -> str:
     """Which network the distances were computed in, and why (the classifier is the offline fallback)."""
+    from dddm.scoring import INCEPTION_FID_LAYER
+    from dddm.scoring.inception import search_inception_weights
+
     if row["feature_network"] != "classifier":
         return f"Inception features ({row['inception_weights']})"
     if score_cfg.use_inception == "never":
@@ -52,6 +42,18 @@ def main() -> None:
                       model="its model.pt", run="its mlflow_run.json", prepared="the prepared Arrow file",
                       reference="the reference statistics directory", classifier="the scoring classifier",
                       out="the directory for metrics.json and report.json")
+    import numpy as np
+
+    from dddm.checkpoint import CheckpointError, load_model
+    from dddm.data import PreparedDataset
+    from dddm.diagnostics import udddm_diagnostics
+    from dddm.distributed import resolve_device
+    from dddm.evaluation import evaluate_samples, headline
+    from dddm.methods import UDDDM
+    from dddm.sampling import sample
+    from dddm.scoring import InceptionWeightsMissing
+    from dddm.tracking import EvaluationRun
+
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)
@@ -63,7 +65,7 @@ def main() -> None:
     if missing:
         raise SystemExit(f"score: {', '.join(missing)}: samples not found (run the sample stage)")
 
-    def evaluate(images: np.ndarray, name: str) -> dict:
+    def evaluate(images, name: str) -> dict:
         return evaluate_samples(images, args.reference, args.classifier, cfg.score, device, name)
 
     report: dict = {"method": method.name, "rows": []}

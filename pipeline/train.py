@@ -9,16 +9,15 @@ run that sample and score log into). Checkpoints and the x0 store live in
 import json
 from pathlib import Path
 
-from dddm import checkpoint, distributed, runlock
-from dddm.data import PreparedDataset
-from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference
-from dddm.training import TrainingDiverged, run_directory, train, write_history
-
 from .common import start
 
 
-def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device) -> MlflowTracker:
-    """Rank 0's MLflow run; a resumed training run keeps logging into the run it started."""
+def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device):
+    """Rank 0's MLflow run (a dddm.tracking.MlflowTracker); a resumed training run keeps logging into the
+    run it started."""
+    from dddm import checkpoint
+    from dddm.tracking import MlflowTracker, ema_grid_sampler, write_run_reference
+
     run_file = run_dir / "mlflow_run.json"
     resuming = run_file.exists() and cfg.train.resume == "auto" and checkpoint.latest(run_dir) is not None
     shape = (info.channels, info.image_size, info.image_size)
@@ -41,6 +40,11 @@ def main() -> None:
     cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
                       out="the directory for model.pt, loss.tsv, train_metrics.json, train_info.json and "
                           "mlflow_run.json")
+    from dddm import checkpoint, distributed, runlock
+    from dddm.data import PreparedDataset
+    from dddm.tracking import TrackingUnavailable, write_run_reference
+    from dddm.training import TrainingDiverged, run_directory, train, write_history
+
     world = distributed.init(cfg.train.device)
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)

@@ -33,6 +33,32 @@ TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is 
 STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|score|compare|register): ")
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
+# DVC's lines that each task would repeat: a `dvc repro <stage>` names every unchanged stage upstream of it
+# (condensed into one line), and advises git/autostage/push after every run (dropped from the log).
+SKIPPED = re.compile(r"^Stage '(.+)' didn't change, skipping$")
+ADVICE = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|\s*git add |"
+                    r"\s*dvc config core\.autostage|Use `dvc push` to send your updates to remote storage\.)")
+
+
+class CondensedLog:
+    """DVC's output for a task's log: the ADVICE lines dropped, a run of SKIPPED lines as one line."""
+
+    def __init__(self, logger):
+        self.logger, self.skipped = logger, []
+
+    def line(self, text: str) -> None:
+        skipped = SKIPPED.match(text)
+        if skipped:
+            self.skipped.append(skipped.group(1))
+        elif not ADVICE.match(text):
+            self.flush()
+            self.logger.info(text)
+
+    def flush(self) -> None:
+        if self.skipped:
+            self.logger.info("unchanged, not run: %s", ", ".join(self.skipped))
+            self.skipped = []
+
 
 def stage_error(lines) -> str | None:
     """The last error block a stage printed (its first line and the lines that explain it), if any."""
@@ -86,6 +112,7 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # its own process group: a timeout kills torchrun's workers too
     timed_out = threading.Event()
+    log = CondensedLog(logger)
 
     def kill(sig=signal.SIGTERM) -> None:
         try:
@@ -105,11 +132,12 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
             watchdog.start()
         for line in proc.stdout:  # universal newlines: a progress bar's "\r" ends a line too
             if line.strip():
-                logger.info(line.rstrip())
+                log.line(line.rstrip())
                 tail.append(line.rstrip())
                 if said or STAGE_ERROR.match(line):
                     said.append(line.rstrip())
         rc = proc.wait()
+        log.flush()
     finally:
         if watchdog:
             watchdog.cancel()
@@ -190,7 +218,7 @@ def check_override_keys(params: dict, keys: Iterable[str] | None) -> None:
                 close = difflib.get_close_matches(part, known, n=1)
                 hint = f"did you mean {'.'.join(parts[:depth] + close)}?" if close else \
                     f"{parent} has {', '.join(known) or 'no keys below it'}"
-                raise ValueError(f"overrides: {key} is not a key of params.yaml; {hint}")
+                raise ValueError(f"{key} is not a key of params.yaml; {hint}")
             node = node[part]
 
 

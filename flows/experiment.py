@@ -20,6 +20,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from dddm.headline import HEADLINE
 from flows import dvcrun
@@ -74,25 +75,49 @@ def rollback_on_failure(repo: Path):
             raise
 
 
+class StepFailed(RuntimeError):
+    """A step failed in a way it would fail again (a bad override, a stage's own error): its message is the
+    flow run's state message, with no traceback."""
+
+
+def raise_if_failed(state: State) -> None:
+    if state.is_failed():
+        raise StepFailed(state.message)
+
+
+def override_problem(repo: Path, overrides: dict[str, Any] | None) -> str | None:
+    """What is wrong with `overrides` against the workspace's params.yaml (the key and the nearest one, or the
+    value as the check stage names it), or None. A flow ends Failed with it as its message, no traceback."""
+    from dvc.exceptions import DvcException
+
+    try:
+        dvcrun.check_sets(repo / "params.yaml", dvcrun.set_params(overrides))
+    except (ValueError, DvcException) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) not in str(e) else ""
+        return f"bad override: {e}{cause}"
+    return None
+
+
 @task(name="apply-params", task_run_name="apply-params")
 def apply_params(repo: str, overrides: dict[str, Any] | None) -> list[str]:
-    logger = get_run_logger()
-    try:
-        sets = dvcrun.apply_overrides(Path(repo), overrides)
-    except Exception as e:
-        message = f"overrides {overrides}: {e}" + (f": {e.__cause__}" if e.__cause__ else "")
-        logger.error(message)
-        raise ValueError(message) from None  # the key-naming message is the flow run's failure message
-    logger.info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
+    sets = dvcrun.apply_overrides(Path(repo), overrides)
+    get_run_logger().info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
     return sets
 
 
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=30,
       retry_condition_fn=dvcrun.retry_if_transient)
-def run_stage(stage: str, repo: str, timeout_s: float) -> None:
+def run_stage(stage: str, repo: str, timeout_s: float) -> State | None:
     """`dvc repro <stage>`: runs the stage (and anything upstream that is stale) unless DVC's cache
-    says it is up to date; its output streams into this task's log."""
-    dvcrun.run(["repro", stage], Path(repo), get_run_logger(), timeout_s, what=f"stage {stage}")
+    says it is up to date; its output streams into this task's log. A failure that would repeat ends the
+    task in a Failed state carrying the stage's own message; a transient one raises, to be retried."""
+    try:
+        dvcrun.run(["repro", stage], Path(repo), get_run_logger(), timeout_s, what=f"stage {stage}")
+    except dvcrun.StageFailed as e:
+        if e.transient:
+            raise
+        return Failed(message=str(e))
+    return None
 
 
 @task(name="save-experiment", task_run_name="save-experiment")
@@ -156,7 +181,7 @@ def experiment_name() -> str:
 @flow(name="udddm-experiment")
 def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC, registry: bool = True,
                alias: str = "champion", stage_timeout_s: float = 24 * 3600, stage_retries: int = 2,
-               repo: str | None = None) -> dict:
+               repo: str | None = None) -> dict | State:
     """Run the DVC pipeline with `overrides` ({"method.udddm.process": "vp", "sample.num_samples": 512}), one
     task per stage; register the EMA model of the method `metric` names as `<method>-<data.source>` and move
     `alias` to it if `metric` (`<method>/nfe<k>/<name>`, e.g. udddm/nfe1/fid_classifier, lower is better;
@@ -166,10 +191,17 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     method = split_metric(metric)[0]
     name = experiment_name()
     with workspace_lock(root):
-        with rollback_on_failure(root):
-            apply_params(str(root), overrides)
-            for stage in dvcrun.stages(root):
-                run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s)
+        problem = override_problem(root, overrides)
+        if problem:
+            return Failed(message=problem)
+        try:
+            with rollback_on_failure(root):
+                apply_params(str(root), overrides)
+                for stage in dvcrun.stages(root):
+                    raise_if_failed(run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s,
+                                                                                  return_state=True))
+        except StepFailed as e:
+            return Failed(message=str(e))
         params = yaml.safe_load((root / "params.yaml").read_text())
         metrics, references = read_scores(root, params["methods"])
         saved = save_experiment(str(root), name)

@@ -22,10 +22,12 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
-from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model, scores_table
+from flows.experiment import (DEFAULT_METRIC, REPO, experiment, experiment_name, override_problem, register_model,
+                              scores_table)
 from dddm.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
@@ -122,7 +124,7 @@ def score_of(result: dict, metric: str) -> float | None:
 @flow(name="udddm-sweep")
 def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
           registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
-          repo: str | None = None, points: list[dict[str, Any]] | None = None) -> list[dict]:
+          repo: str | None = None, points: list[dict[str, Any]] | None = None) -> list[dict] | State:
     """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}), or the explicit `points`
     when given, on top of `overrides`, `concurrency` at a time; the best by `metric`
     (`<method>/nfe<k>/<name>`) is registered; the points' MLflow runs are grouped under one parent run."""
@@ -136,7 +138,9 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     else:
         points = grid_points(grid)
     for point in points:  # every point's overrides checked before any runs: the key-naming message, not DVC's
-        dvcrun.check_sets(root / "params.yaml", dvcrun.set_params({**(overrides or {}), **point}))
+        problem = override_problem(root, {**(overrides or {}), **point})
+        if problem:
+            return Failed(message=f"point {json.dumps(point)}: {problem}")
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
     if concurrency == 1:
@@ -181,5 +185,5 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a sweep")
     failed = [point for point, r in rows if r is None]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(points)} grid points failed: {failed}")
+        return Failed(message=f"{len(failed)} of {len(points)} grid points failed: {json.dumps(failed)}")
     return [r for _, r in rows]

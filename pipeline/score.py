@@ -5,8 +5,11 @@ untrained network's score, uDDDM's t = T diagnostics), and the same numbers with
 run of this evaluation, a child of the method's training run."""
 
 import json
+import logging
 
 from .common import start
+
+log = logging.getLogger("score")
 
 SUMMARY = ("fid", "fid_classifier", "precision", "recall", "classes")
 
@@ -66,6 +69,7 @@ def main() -> None:
         raise SystemExit(f"score: {', '.join(missing)}: samples not found (run the sample stage)")
 
     def evaluate(images, name: str) -> dict:
+        log.info("scoring %s (%d images)", name, len(images))
         return evaluate_samples(images, args.reference, args.classifier, cfg.score, device, name)
 
     report: dict = {"method": method.name, "rows": []}
@@ -74,12 +78,14 @@ def main() -> None:
             row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(np.load(path)["images"], str(path))
             report["rows"].append(row)
         if cfg.score.untrained_baseline:
+            log.info("sampling the untrained network (the floor any training must beat)")
             images = sample(method, trained.untrained(), cfg.sample.num_samples, trained.shape, 1,
                             cfg.sample.batch_size, device).numpy()
             report["untrained"] = evaluate(images, "untrained network samples")
     except (InceptionWeightsMissing, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"score: {e}")
     if isinstance(method, UDDDM):
+        log.info("uDDDM's t = T diagnostics")
         data = PreparedDataset(args.prepared).images(range(16))
         report["diagnostics"] = udddm_diagnostics(method, trained.net, data, device)
 

@@ -255,6 +255,7 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert bad.state.is_failed(), bad.state
     # validated before any stage runs; the key-naming message is the flow run's state message
     assert "method.udddm.process" in bad.state.message and "subvp" in bad.state.message, bad.state.message
+    assert bad.state.message.count("subvp") == 1 and "Traceback" not in logs, logs[-4000:]  # said once, no traceback
     assert "Running stage" not in logs and "method.udddm.process" in logs, logs[-4000:]
     assert "Retry 1/" not in logs  # a bad parameter is not retried (Prefect logs "Retry 1/2 will start ...")
     assert {p: digest(repo / p) for p in before} == before

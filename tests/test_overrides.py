@@ -15,7 +15,7 @@ def exp(*sets: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epoch=2", "exp: overrides: train.epoch is not a key of params.yaml; did you mean train.epochs?"),
+    ("train.epoch=2", "exp: train.epoch is not a key of params.yaml; did you mean train.epochs?"),
     ("train.epochs=0", "exp: params.yaml with -S sample.num_samples=16 -S train.epochs=0: train.epochs: Input should "
                        "be greater than or equal to 1 (got 0)"),
     ("+train.epoch=2", "exp: params.yaml with -S sample.num_samples=16 -S +train.epoch=2: train.epoch: Extra inputs "

@@ -28,11 +28,12 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 
 def fid_by_nfe(rows: list[tuple[str, str, dict]], methods: list[str]) -> str:
-    """TSV: one line per network-evaluation count, one FID column per method (empty where it has no row)."""
+    """TSV: one line per network-evaluation count, one FID column per method (NaN where it has no row: an empty
+    cell is drawn as a point at 0, NaN is left out)."""
     fid = {(name, numbers["nfe"]): numbers[fid_name(numbers)] for name, _, numbers in rows}
     lines = ["\t".join(["nfe", *methods])]
     for nfe in sorted({nfe for name, nfe in fid if name in methods}):
-        lines.append("\t".join([str(nfe), *(f"{fid[m, nfe]:.6g}" if (m, nfe) in fid else "" for m in methods)]))
+        lines.append("\t".join([str(nfe), *(f"{fid[m, nfe]:.6g}" if (m, nfe) in fid else "NaN" for m in methods)]))
     return "\n".join(lines) + "\n"
 
 

@@ -93,12 +93,18 @@ def test_plots_compare_the_methods(reproduced):
     assert set(plots) == loss | {"fid_by_network_evaluations", "precision_recall", "out/compare/grids.png"}
     assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
     fid = plots["fid_by_network_evaluations"][0]["content"]
-    points = {(v["field"], v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != ""}
+    points = {(v["field"], v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != "NaN"}
     assert points == {("udddm", "1"), ("udddm", "2"), ("ict", "1"), ("ict", "2"), ("edm", "7")}
     pr = plots["precision_recall"][0]["content"]
     assert pr["encoding"]["x"]["field"] == "recall"  # precision against recall: both on 0..1, no FID beside them
     assert {v["point"] for v in pr["data"]["values"]} == {"real digits (held out) -", "udddm 1-step", "udddm 2-step",
                                                            "ict 1-step", "ict 2-step", "edm 4-step"}
+    # `python -m pipeline.plots`: the same page with vega, vega-lite and vega-embed inline, nothing from a CDN
+    offline = subprocess.run([sys.executable, "-m", "pipeline.plots", "-o", "offline_plots"], cwd=repo, env=run_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert offline.returncode == 0, offline.stderr
+    page = (repo / "offline_plots" / "index.html").read_text()
+    assert "<script src" not in page and "window.vegaEmbed=" in page and page.count("vegaEmbed('#") == 5
 
 
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):

@@ -15,14 +15,20 @@ from .common import start
 TITLES = {"fid": "FID", "classes": "classes >= 3%"}  # the rest are shown under their own names
 
 
+def number(value) -> str:
+    """A table cell: whole numbers from 100 up (1469, not 1.47e+03), else three significant digits (19.1, 0.695)."""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
 def table(rows: list[tuple[str, str, dict]]) -> str:
     """Markdown: one line per (name, steps, numbers)."""
     keys = [(k, TITLES.get(k, k)) for k in HEADLINE if any(k in numbers for _, _, numbers in rows)]
     lines = ["| method | sampling | network evaluations | " + " | ".join(t for _, t in keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
     for name, sampling, numbers in rows:
-        cells = [f"{numbers[k]:.3g}" if isinstance(numbers.get(k), float) else str(numbers.get(k, ""))
-                 for k, _ in keys]
+        cells = [number(numbers.get(k, "")) for k, _ in keys]
         lines.append(f"| {name} | {sampling} | {numbers.get('nfe', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -84,7 +90,7 @@ def main() -> None:
         trained += method_rows
         rows += method_rows
         if "untrained" in report:
-            rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
+            rows.append((f"{name}, untrained network", "1-step", report["untrained"] | {"nfe": 1}))
     args.out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     (args.out / "table.md").write_text(text)

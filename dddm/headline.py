@@ -11,3 +11,11 @@ def fid_name(result: dict) -> str:
 
 def headline(result: dict) -> dict:
     return {k: result[k] for k in HEADLINE if k in result}
+
+
+def fid_key(metrics: dict) -> str:
+    """`nfe<k>/<fid name>` of the fewest network evaluations (`fid` with Inception, else the fallback's), in a
+    score stage's metrics ({"nfe1": {...}, "nfe2": {...}, "untrained": {...}}): a method's headline score."""
+    rows = sorted((int(row[3:]), row) for row in metrics if row.startswith("nfe"))
+    row = rows[0][1]
+    return f"{row}/{fid_name(metrics[row])}"

@@ -38,6 +38,9 @@ from .unet import UNet
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# The experiment tag MLflow 3's UI reads to open an experiment as model training (runs, metrics, models),
+# not in its GenAI layout (traces, latency, token usage)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingUnavailable(RuntimeError):
@@ -196,6 +199,9 @@ class MlflowTracker:
                     f"mlflow_run.json in the run's checkpoint directory to continue in a new MLflow run") from None
         if run_id is None:
             exp = mlflow.set_experiment(experiment)
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in exp.tags:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
             run_id = run.info.run_id
             log_params(self.client, run_id, params)
@@ -204,8 +210,10 @@ class MlflowTracker:
         self.grid_every_epochs = grid_every_epochs
         self.grid_sampler = grid_sampler  # callable(ema_module) -> {steps: images in [-1, 1]}
         self._pending: list[Metric] = []
+        self._step = 0  # the last training step logged: the step the next grids are logged at
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        self._step = step
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if len(self._pending) >= self.flush_every * max(1, len(metrics)):
@@ -219,8 +227,9 @@ class MlflowTracker:
     def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
         if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
             for steps, images in self.grid_sampler(ema_module).items():
-                # keyed with the epoch as step: the run page's image panel gets a slider over epochs
-                self.client.log_image(self.run_id, image_grid(images), key=f"ema_{steps}step", step=epoch + 1)
+                # at the training step the metrics have (the epoch's last): the charts' step slider, shared with
+                # the loss curves, lands on steps that have a grid, the last one included
+                self.client.log_image(self.run_id, image_grid(images), key=f"ema_{steps}step", step=self._step)
 
     def log_dataset(self, path: Path, name: str, fingerprint: str) -> None:
         """The prepared dataset as the run's training input (its path and fingerprint)."""
@@ -277,6 +286,7 @@ class EvaluationRun:
         rebase_local_store(data["tracking_uri"])
         self.client = MlflowClient(data["tracking_uri"])
         training = self.client.get_run(data["run_id"])
+        self.training_run_id = training.info.run_id
         self.model_id = logged_model_id(self.client, training, model)
         digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode()).hexdigest()[:8]
         self.run_id = self.client.create_run(
@@ -293,5 +303,19 @@ class EvaluationRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0, model_id=self.model_id)
                                                     for k, v in metrics.items()])
 
+    def log_headline(self, name: str, value: float, nfe: int) -> None:
+        """The headline score (the fewest-step FID, `name` fid_classifier or fid, its network evaluations as
+        the step) on the training run too, so the runs list shows it in one column for every method; the
+        evaluation run that holds all the scores is named in the tag `headline_evaluation`."""
+        self.client.log_metric(self.training_run_id, name, float(value), step=nfe)
+        self.client.set_tag(self.training_run_id, "headline_evaluation", self.run_id)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def tag_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tags on a finished run (the flows link each training run to its DVC experiment and Prefect flow run)."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -222,9 +222,10 @@ def check_override_keys(params: dict, keys: Iterable[str] | None) -> None:
             node = node[part]
 
 
-def check_sets(params_file: Path, sets: list[str]) -> None:
+def check_sets(params_file: Path, sets: list[str]) -> dict:
     """`-S key=value` strings checked as every stage checks params.yaml, without changing `params_file`: each
-    key is one it has (`+key` adds one, which the validation then names) and the result validates."""
+    key is one it has (`+key` adds one, which the validation then names) and the result validates. Returns
+    the params the overrides give (applied by DVC's own `-S` code to a copy)."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
     from dddm.config import parse_config
@@ -235,18 +236,26 @@ def check_sets(params_file: Path, sets: list[str]) -> None:
         copy = Path(tmp) / "params.yaml"
         shutil.copyfile(params_file, copy)
         dvc_apply_overrides(copy, sets)
-        parse_config(yaml.safe_load(copy.read_text()) or {}, f"{params_file.name} with -S {' -S '.join(sets)}")
+        params = yaml.safe_load(copy.read_text()) or {}
+    parse_config(params, f"{params_file.name} with -S {' -S '.join(sets)}")
+    return params
+
+
+def write_sets(params_file: Path, sets: list[str]) -> None:
+    """Apply `-S` strings to `params_file` once they are checked (a bad key or value fails here, naming it,
+    before the file changes), writing only the values that change: comments, `[1, 2]` lists and `null`
+    stay as they are, where DVC's own writer would rewrite the whole file (dddm/params_file.py)."""
+    from dddm.params_file import rewrite
+
+    if sets:
+        new = check_sets(params_file, sets)
+        rewrite(params_file, yaml.safe_load(params_file.read_text()) or {}, new)
 
 
 def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
-    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept), once
-    they are checked: a bad key or value fails here, naming it, before any stage or file changes."""
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-
+    """Write the overrides into params.yaml (write_sets: checked first, the layout kept)."""
     sets = set_params(overrides)
-    check_sets(repo / "params.yaml", sets)
-    if sets:
-        dvc_apply_overrides(repo / "params.yaml", sets)
+    write_sets(repo / "params.yaml", sets)
     return sets
 
 

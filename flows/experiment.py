@@ -26,6 +26,7 @@ from dddm.headline import HEADLINE
 from flows import dvcrun
 from dddm.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
                             split_metric)
+from dddm.tracking import tag_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
@@ -120,6 +121,29 @@ def run_stage(stage: str, repo: str, timeout_s: float) -> State | None:
     return None
 
 
+def registration(repo: Path, overrides: dict[str, Any] | None, registry: bool) -> dict[str, Any]:
+    """The overrides with `tracking.register_models` set to `registry` where params.yaml says otherwise (and
+    the overrides do not set it): the register stage registers every method's model only when asked, so a
+    sweep's points (registry false) add no versions. params.yaml is not rewritten when nothing changes."""
+    overrides = dict(overrides or {})
+    current = (yaml.safe_load((repo / "params.yaml").read_text()).get("tracking") or {}).get("register_models")
+    if "tracking.register_models" not in overrides and current != registry:
+        overrides["tracking.register_models"] = registry
+    return overrides
+
+
+@task(name="link-runs", task_run_name="link-runs")
+def link_runs(references: dict, repo: Path, experiment: str) -> None:
+    """Tags on each method's MLflow training run naming the DVC experiment and the Prefect flow run that
+    made it (the flow's artifacts link back to the run)."""
+    tags = {"dvc_experiment": experiment, "prefect_flow_run": flow_run.name or "",
+            "prefect_flow_run_id": str(flow_run.id or "")}
+    if flow_run.ui_url:
+        tags["prefect_flow_run_url"] = flow_run.ui_url
+    for reference in references.values():
+        tag_run(resolve_uri(reference["tracking_uri"], repo), reference["run_id"], tags)
+
+
 @task(name="save-experiment", task_run_name="save-experiment")
 def save_experiment(repo: str, name: str) -> str | None:
     """The workspace as a DVC experiment (params, dvc.lock, metrics): `dvc exp show`, `dvc exp apply`."""
@@ -191,6 +215,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     method = split_metric(metric)[0]
     name = experiment_name()
     with workspace_lock(root):
+        overrides = registration(root, overrides, registry)
         problem = override_problem(root, overrides)
         if problem:
             return Failed(message=problem)
@@ -205,6 +230,7 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
         params = yaml.safe_load((root / "params.yaml").read_text())
         metrics, references = read_scores(root, params["methods"])
         saved = save_experiment(str(root), name)
+        link_runs(references, root, saved or name)
     if method not in references:
         raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods {params['methods']}")
     tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]

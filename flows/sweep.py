@@ -152,7 +152,9 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         prefix = experiment_name()
         with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
             futures = [runner.submit(temp_experiment, {"repo": str(root), "name": f"{prefix}-{i}",
-                                                        "overrides": {**(overrides or {}), **point},
+                                                        # the best point is registered below, not every point
+                                                        "overrides": {"tracking.register_models": False,
+                                                                      **(overrides or {}), **point},
                                                         "timeout_s": stage_timeout_s})
                        for i, point in enumerate(points)]
             wait(futures)

@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedSeq
 
 from .common import PARAMS
 
@@ -25,18 +23,6 @@ def parse_assignment(text: str) -> dict:
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
-
-
-def update_in_place(document, overrides: dict) -> None:
-    """Lay overrides over a ruamel round-trip document, keeping its comments."""
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(document.get(key), dict):
-            update_in_place(document[key], value)
-        elif isinstance(value, list):
-            document[key] = CommentedSeq(value)
-            document[key].fa.set_flow_style()  # [1, 2, 2, 2], as params.yaml writes lists
-        else:
-            document[key] = value
 
 
 def main() -> None:
@@ -57,8 +43,9 @@ def main() -> None:
     for text in args.overrides:
         overrides = merge_params(overrides, parse_assignment(text))
 
-    rt = YAML()
-    rt.preserve_quotes = True
+    from dddm.params_file import round_trip, update_in_place
+
+    rt = round_trip()
     params_path = Path(PARAMS)
     document = rt.load(params_path.read_text())
     try:

@@ -5,16 +5,9 @@ holder's, whoever registered that (this stage, or a Prefect flow) -> <out> (what
 import json
 from pathlib import Path
 
-from dddm.headline import fid_name
+from dddm.headline import fid_key
 
 from .common import start
-
-
-def fid_key(metrics: dict) -> str:
-    """`nfe<k>/<fid name>` of the fewest network evaluations (`fid` with Inception, else the fallback's)."""
-    rows = sorted((int(row[3:]), row) for row in metrics if row.startswith("nfe"))
-    row = rows[0][1]
-    return f"{row}/{fid_name(metrics[row])}"
 
 
 def main() -> None:

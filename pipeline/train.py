@@ -7,6 +7,7 @@ run that sample and score log into). Checkpoints and the x0 store live in
 """
 
 import json
+import os
 from pathlib import Path
 
 from .common import start
@@ -25,8 +26,10 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device):
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
     process = getattr(cfg.method_config(method.name), "process", None)
     run_name = "-".join(filter(None, [method.name, process, info.source, run_dir.name.rsplit("-", 1)[-1][:8]]))
-    tracker = MlflowTracker(cfg.tracking.experiment, params,
-                            tags={"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint},
+    tags = {"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint}
+    if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` (python -m pipeline.exp) names its experiment to the stages
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    tracker = MlflowTracker(cfg.tracking.experiment, params, tags=tags,
                             run_id=json.loads(run_file.read_text())["run_id"] if resuming else None,
                             grid_every_epochs=cfg.tracking.grid_every_epochs,
                             grid_sampler=ema_grid_sampler(method, shape, device), run_name=run_name)

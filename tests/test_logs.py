@@ -50,6 +50,22 @@ def test_off_a_terminal_progress_is_one_line_per_interval_with_the_loop_s_figure
     assert out[-1] == "train edm: 1740/1740 step, epoch 60/60, loss 3.2100, img_s 640, done in 2 min 54 s"
 
 
+def test_a_slow_loop_says_about_ten_lines_and_a_long_one_one_per_ten_minutes(lines):
+    logger, out = lines
+    clock = Clock()
+    with IntervalLog(1000, "train", interval=20, logger=logger, clock=clock) as bar:
+        for _ in range(1000):  # 1 s per step: 50 intervals of 20 s, but a line per 100 steps
+            clock.now += 1
+            bar.update()
+    assert [line.split(",")[0] for line in out] == [f"train: {n}/1000 it" for n in range(100, 1001, 100)]
+    out.clear()
+    with IntervalLog(100_000, "train", interval=20, logger=logger, clock=clock) as bar:
+        for _ in range(3600):  # an hour of a loop whose tenth takes 10,000 s
+            clock.now += 1
+            bar.update()
+    assert len(out) == 6  # at 10, 20, ..., 60 minutes (the last step was one of them: no line on close)
+
+
 def test_a_resumed_loop_counts_its_rate_from_where_it_resumed(lines):
     logger, out = lines
     clock = Clock()

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from .files import atomic_open
+from .headline import fid_key
 from .pixels import image_grid
 from .sampling import sample
 from .unet import UNet
@@ -303,11 +304,15 @@ class EvaluationRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0, model_id=self.model_id)
                                                     for k, v in metrics.items()])
 
-    def log_headline(self, name: str, value: float, nfe: int) -> None:
-        """The headline score (the fewest-step FID, `name` fid_classifier or fid, its network evaluations as
-        the step) on the training run too, so the runs list shows it in one column for every method; the
-        evaluation run that holds all the scores is named in the tag `headline_evaluation`."""
-        self.client.log_metric(self.training_run_id, name, float(value), step=nfe)
+    def log_headline(self, metrics: dict) -> None:
+        """The headline score of the score stage's `metrics` (the fewest-step FID) on the training run too, as
+        the metric `fid_classifier` (or `fid`), so the runs list shows it in one column for every method; the
+        tags `headline` and `headline_evaluation` name its row and the evaluation run holding all the scores.
+        Always at step 0: MLflow shows the value of the highest step, which would keep an older sampler's."""
+        key = fid_key(metrics)
+        row, name = key.split("/")
+        self.client.log_metric(self.training_run_id, name, float(metrics[row][name]), step=0)
+        self.client.set_tag(self.training_run_id, "headline", key)
         self.client.set_tag(self.training_run_id, "headline_evaluation", self.run_id)
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -138,7 +138,7 @@ def link_runs(references: dict, repo: Path, experiment: str) -> None:
     made it (the flow's artifacts link back to the run)."""
     tags = {"dvc_experiment": experiment, "prefect_flow_run": flow_run.name or "",
             "prefect_flow_run_id": str(flow_run.id or "")}
-    if flow_run.ui_url:
+    if (flow_run.ui_url or "").startswith("http"):  # "None/flow-runs/..." when Prefect knows no UI address
         tags["prefect_flow_run_url"] = flow_run.ui_url
     for reference in references.values():
         tag_run(resolve_uri(reference["tracking_uri"], repo), reference["run_id"], tags)

@@ -52,7 +52,6 @@ def main() -> None:
     from dddm.diagnostics import udddm_diagnostics
     from dddm.distributed import resolve_device
     from dddm.evaluation import evaluate_samples, headline
-    from dddm.headline import fid_key
     from dddm.methods import UDDDM
     from dddm.sampling import sample
     from dddm.scoring import InceptionWeightsMissing
@@ -103,8 +102,7 @@ def main() -> None:
     for steps in paths:
         evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
     evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
-    headline_row, headline_name = fid_key(metrics).split("/")
-    evaluation.log_headline(headline_name, metrics[headline_row][headline_name], int(headline_row[3:]))
+    evaluation.log_headline(metrics)
     evaluation.finish()
     print(summary(method.name, metrics, feature_network_reason(report["rows"][0], cfg.score)))
 

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .files import atomic_open
 from .integrity import IntegrityError, weights_sha256
 from .pixels import to_float
+from .progress import progress as progress_bar
 
 FORMAT = "dddm-classifier-v1"
 # the pipeline keeps the file in git (dvc.yaml): the committed one is a remedy, retraining the other
@@ -152,8 +152,8 @@ def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | tor
         steps_per_epoch = (len(x_tr) + batch_size - 1) // batch_size
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        bar = tqdm(range(epochs), desc="classifier", unit="epoch", disable=not progress)
-        for _ in bar:
+        bar = progress_bar(epochs, "classifier", unit="epoch", disable=not progress)
+        for _ in range(epochs):
             model.train()
             order = torch.randperm(len(x_tr), generator=gen)
             total = 0.0
@@ -169,6 +169,8 @@ def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | tor
                 sched.step()
                 total += loss.item() * len(idx)
             bar.set_postfix(loss=f"{total / len(x_tr):.4f}")
+            bar.update()
+        bar.close()
     model.eval()
     test_accuracy = accuracy(model, x[hold_idx], y[hold_idx])
     return model, test_accuracy

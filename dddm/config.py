@@ -233,8 +233,9 @@ def _format(error: ValidationError, source: str) -> str:
     lines = []
     for e in error.errors():
         loc = tuple(str(p) for p in e["loc"])
-        shown = "" if e["type"] == "missing" else f" (got {e['input']!r})"
-        msg = e["msg"]
+        # a validator's own message (pydantic prefixes "Value error, "), with the value unless it names it
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+        shown = "" if e["type"] == "missing" or repr(e["input"]) in msg else f" (got {e['input']!r})"
         if e["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "method" and loc[1] in METHODS \
                 and loc[2] == "store" and not METHODS[loc[1]].uses_store:
             msg = f"the x0 store is unused by {loc[1]} (only methods that keep per-sample estimates have one)"

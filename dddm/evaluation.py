@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .classifier import SmallClassifier, load_classifier
+from .headline import HEADLINE, fid_name, headline  # noqa: F401 (the names other modules import from here)
 from .pixels import to_float
 from .scoring import score_samples
 
@@ -37,10 +38,6 @@ def classes_covered(histogram: list[int], min_share: float = MIN_SHARE) -> int:
     return sum(1 for count in histogram if total and count / total >= min_share)
 
 
-# The numbers a comparison row shows (dvc metrics); the rest of score_samples' output is information.
-HEADLINE = ("fid", "fid_classifier", "precision", "recall", "classes")
-
-
 def evaluate_samples(images: np.ndarray, reference_dir: Path, classifier_path: Path, score_cfg, device,
                      name: str) -> dict:
     """score_samples (FID/IS/KID or the classifier fallback) plus the class histogram and coverage."""
@@ -51,12 +48,3 @@ def evaluate_samples(images: np.ndarray, reference_dir: Path, classifier_path: P
     classifier = load_classifier(classifier_path)
     histogram = class_histogram(predicted_labels(images, classifier), classifier.num_classes)
     return result | {"class_histogram": histogram, "classes": classes_covered(histogram)}
-
-
-def fid_name(result: dict) -> str:
-    """Which FID a result holds: `fid` (Inception features) or `fid_classifier` (the fallback's)."""
-    return "fid" if "fid" in result else "fid_classifier"
-
-
-def headline(result: dict) -> dict:
-    return {k: result[k] for k in HEADLINE if k in result}

@@ -84,3 +84,14 @@ def hold(run_dir: Path, world):
     finally:
         if path is not None:
             _release_here(path)
+
+
+@contextmanager
+def hold_here(run_dir: Path):
+    """The lock in this process alone, outside any process group (pipeline.prune, before it removes a run
+    directory): RunLocked while a trainer runs there."""
+    path = _acquire_here(Path(run_dir))
+    try:
+        yield
+    finally:
+        _release_here(path)

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
-
 from .methods import Method
+from .progress import progress as progress_bar
 
 
 def sample_batches(method: Method, net, num_samples: int, shape: tuple[int, ...], steps: int,
@@ -22,11 +21,14 @@ def sample_batches(method: Method, net, num_samples: int, shape: tuple[int, ...]
     was_training = net.training
     net.eval()
     try:
-        starts = range(0, num_samples, batch_size)
-        for start in tqdm(starts, desc=f"sampling {method.name} ({steps}-step)", disable=not progress):
-            idx = torch.arange(start, min(start + batch_size, num_samples))
-            with torch.inference_mode():
-                yield method.generate(net, idx, shape, steps, device).float().cpu()
+        with progress_bar(num_samples, f"sampling {method.name} ({steps}-step)", unit="img",
+                          disable=not progress) as bar:
+            for start in range(0, num_samples, batch_size):
+                idx = torch.arange(start, min(start + batch_size, num_samples))
+                with torch.inference_mode():
+                    batch = method.generate(net, idx, shape, steps, device).float().cpu()
+                bar.update(len(idx))
+                yield batch
     finally:
         net.train(was_training)
 

@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
 from .files import atomic_open
+from .headline import fid_key
 from .pixels import image_grid
 from .sampling import sample
 from .unet import UNet
@@ -45,6 +46,10 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 REQUEST_TIMEOUT_S = 5
 RETRY_AFTER_S = 30
 MAX_QUEUED_METRICS = 200_000  # about 40 MB; beyond it the oldest queued metrics are dropped
+
+# The experiment tag MLflow 3's UI reads to open an experiment as model training (runs, metrics, models),
+# not in its GenAI layout (traces, latency, token usage)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class TrackingUnavailable(RuntimeError):
@@ -204,6 +209,9 @@ class MlflowTracker:
                     f"mlflow_run.json in the run's checkpoint directory to continue in a new MLflow run") from None
         if run_id is None:
             exp = mlflow.set_experiment(experiment)
+            for key, value in EXPERIMENT_KIND.items():
+                if key not in exp.tags:
+                    self.client.set_experiment_tag(exp.experiment_id, key, value)
             run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
             run_id = run.info.run_id
             log_params(self.client, run_id, params)
@@ -220,6 +228,7 @@ class MlflowTracker:
         self._retry_at = 0.0
         self.not_logged: list[str] = []  # what an outage cost the run, beyond queued metrics
         self.dropped_metrics = 0
+        self._step = 0  # the last training step logged: the step the next grids are logged at
 
     def _call(self, what: str, fn, *args, **kwargs) -> bool:
         """One tracking call that must not stop or stall training: True when it went through. While the
@@ -246,6 +255,7 @@ class MlflowTracker:
         return True
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        self._step = step
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         if len(self._pending) >= self.flush_every * max(1, len(metrics)):
@@ -268,9 +278,10 @@ class MlflowTracker:
     def on_epoch_end(self, epoch: int, ema_module: torch.nn.Module) -> None:
         if self.grid_every_epochs and self.grid_sampler and (epoch + 1) % self.grid_every_epochs == 0:
             for steps, images in self.grid_sampler(ema_module).items():
-                # keyed with the epoch as step: the run page's image panel gets a slider over epochs
+                # at the training step the metrics have (the epoch's last): the charts' step slider, shared with
+                # the loss curves, lands on steps that have a grid, the last one included
                 if not self._call("image", self.client.log_image, self.run_id, image_grid(images),
-                                  key=f"ema_{steps}step", step=epoch + 1):
+                                  key=f"ema_{steps}step", step=self._step):
                     self.not_logged.append("sample grid")
 
     def incomplete(self) -> str | None:
@@ -347,6 +358,7 @@ class EvaluationRun:
         rebase_local_store(data["tracking_uri"])
         self.client = MlflowClient(data["tracking_uri"])
         training = self.client.get_run(data["run_id"])
+        self.training_run_id = training.info.run_id
         self.model_id = logged_model_id(self.client, training, model)
         digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode()).hexdigest()[:8]
         self.run_id = self.client.create_run(
@@ -363,5 +375,23 @@ class EvaluationRun:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0, model_id=self.model_id)
                                                     for k, v in metrics.items()])
 
+    def log_headline(self, metrics: dict) -> None:
+        """The headline score of the score stage's `metrics` (the fewest-step FID) on the training run too, as
+        the metric `fid_classifier` (or `fid`), so the runs list shows it in one column for every method; the
+        tags `headline` and `headline_evaluation` name its row and the evaluation run holding all the scores.
+        Always at step 0: MLflow shows the value of the highest step, which would keep an older sampler's."""
+        key = fid_key(metrics)
+        row, name = key.split("/")
+        self.client.log_metric(self.training_run_id, name, float(metrics[row][name]), step=0)
+        self.client.set_tag(self.training_run_id, "headline", key)
+        self.client.set_tag(self.training_run_id, "headline_evaluation", self.run_id)
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def tag_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tags on a finished run (the flows link each training run to its DVC experiment and Prefect flow run)."""
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from . import checkpoint, distributed, performance, runlock
 from .config import Config
@@ -28,6 +27,7 @@ from .curves import LearningCurve
 from .data import PreparedDataset
 from .finetune import Initialisation, initialise
 from .methods import Progress
+from .progress import progress as progress_bar
 from .rng import STREAM_EPOCH_ORDER, generator
 from .store import open_store, owned_indices, store_path
 from .unet import build_network
@@ -198,7 +198,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
             tracker.log_metrics(curve_metrics(curve.record(ema.module, 0, images_before)), 0)
     saved = latest  # the newest checkpoint this run can go back to
     autocast = performance.bf16_autocast(world.device, tc.bf16, tc.cpu_bf16)
-    bar = tqdm(total=total_steps, initial=global_step, desc="train", disable=not (progress and world.is_main))
+    bar = progress_bar(total_steps, f"train {method.name}", initial=global_step, unit="step",
+                       disable=not (progress and world.is_main))
     net.train()
     while global_step < total_steps:
         epoch, position = divmod(global_step, steps_per_epoch)
@@ -255,7 +256,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                     f.write(json.dumps(row) + "\n")
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, global_step)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
             end_of_epoch = global_step % steps_per_epoch == 0
             if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
                     (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps:

@@ -118,6 +118,8 @@ def main() -> None:
             [evaluation] = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
             [model] = [m for m in client.search_logged_models([experiment_id]) if m.source_run_id == run_id]
             shots = {
+                # the experiment as model training: its runs, each with its headline score (fid_classifier)
+                "mlflow-experiment.png": (f"{mlflow_uri}/#/experiments/{experiment_id}/runs", 1000),
                 "mlflow-run.png": (run_page, 1800),  # name, source, user, commit, dataset, tags, child run, model
                 "mlflow-evaluation-samples.png":  # the scoring's own child run: its sample grid
                     (f"{mlflow_uri}/#/experiments/{experiment_id}/runs/{evaluation.info.run_id}/artifacts/"

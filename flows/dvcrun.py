@@ -33,6 +33,32 @@ TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is 
 STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|score|compare|register): ")
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
+# DVC's lines that each task would repeat: a `dvc repro <stage>` names every unchanged stage upstream of it
+# (condensed into one line), and advises git/autostage/push after every run (dropped from the log).
+SKIPPED = re.compile(r"^Stage '(.+)' didn't change, skipping$")
+ADVICE = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|\s*git add |"
+                    r"\s*dvc config core\.autostage|Use `dvc push` to send your updates to remote storage\.)")
+
+
+class CondensedLog:
+    """DVC's output for a task's log: the ADVICE lines dropped, a run of SKIPPED lines as one line."""
+
+    def __init__(self, logger):
+        self.logger, self.skipped = logger, []
+
+    def line(self, text: str) -> None:
+        skipped = SKIPPED.match(text)
+        if skipped:
+            self.skipped.append(skipped.group(1))
+        elif not ADVICE.match(text):
+            self.flush()
+            self.logger.info(text)
+
+    def flush(self) -> None:
+        if self.skipped:
+            self.logger.info("unchanged, not run: %s", ", ".join(self.skipped))
+            self.skipped = []
+
 
 def stage_error(lines) -> str | None:
     """The last error block a stage printed (its first line and the lines that explain it), if any."""
@@ -86,6 +112,7 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)  # its own process group: a timeout kills torchrun's workers too
     timed_out = threading.Event()
+    log = CondensedLog(logger)
 
     def kill(sig=signal.SIGTERM) -> None:
         try:
@@ -105,11 +132,12 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
             watchdog.start()
         for line in proc.stdout:  # universal newlines: a progress bar's "\r" ends a line too
             if line.strip():
-                logger.info(line.rstrip())
+                log.line(line.rstrip())
                 tail.append(line.rstrip())
                 if said or STAGE_ERROR.match(line):
                     said.append(line.rstrip())
         rc = proc.wait()
+        log.flush()
     finally:
         if watchdog:
             watchdog.cancel()
@@ -203,13 +231,14 @@ def check_override_keys(params: dict, keys: Iterable[str] | None) -> None:
                 close = difflib.get_close_matches(part, known, n=1)
                 hint = f"did you mean {'.'.join(parts[:depth] + close)}?" if close else \
                     f"{parent} has {', '.join(known) or 'no keys below it'}"
-                raise ValueError(f"overrides: {key} is not a key of params.yaml; {hint}")
+                raise ValueError(f"{key} is not a key of params.yaml; {hint}")
             node = node[part]
 
 
-def check_sets(params_file: Path, sets: list[str]) -> None:
+def check_sets(params_file: Path, sets: list[str]) -> dict:
     """`-S key=value` strings checked as every stage checks params.yaml, without changing `params_file`: each
-    key is one it has (`+key` adds one, which the validation then names) and the result validates."""
+    key is one it has (`+key` adds one, which the validation then names) and the result validates. Returns
+    the params the overrides give (applied by DVC's own `-S` code to a copy)."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
     from dddm.config import parse_config, read_yaml
@@ -221,18 +250,26 @@ def check_sets(params_file: Path, sets: list[str]) -> None:
         shutil.copyfile(params_file, copy)
         dvc_apply_overrides(copy, sets)
         source = f"{params_file.name} with -S {' -S '.join(sets)}"
-        parse_config(read_yaml(copy.read_text(), source) or {}, source)
+        params = read_yaml(copy.read_text(), source) or {}
+    parse_config(params, source)
+    return params
+
+
+def write_sets(params_file: Path, sets: list[str]) -> None:
+    """Apply `-S` strings to `params_file` once they are checked (a bad key or value fails here, naming it,
+    before the file changes), writing only the values that change: comments, `[1, 2]` lists and `null`
+    stay as they are, where DVC's own writer would rewrite the whole file (dddm/params_file.py)."""
+    from dddm.params_file import rewrite
+
+    if sets:
+        new = check_sets(params_file, sets)
+        rewrite(params_file, yaml.safe_load(params_file.read_text()) or {}, new)
 
 
 def apply_overrides(repo: Path, overrides: dict[str, Any] | None) -> list[str]:
-    """Write the overrides into params.yaml with DVC's own `-S` implementation (comments are kept), once
-    they are checked: a bad key or value fails here, naming it, before any stage or file changes."""
-    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
-
+    """Write the overrides into params.yaml (write_sets: checked first, the layout kept)."""
     sets = set_params(overrides)
-    check_sets(repo / "params.yaml", sets)
-    if sets:
-        dvc_apply_overrides(repo / "params.yaml", sets)
+    write_sets(repo / "params.yaml", sets)
     return sets
 
 

@@ -20,11 +20,13 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
-from dddm.evaluation import HEADLINE
+from dddm.headline import HEADLINE
 from flows import dvcrun
 from dddm.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
                             split_metric)
+from dddm.tracking import tag_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
@@ -74,25 +76,72 @@ def rollback_on_failure(repo: Path):
             raise
 
 
+class StepFailed(RuntimeError):
+    """A step failed in a way it would fail again (a bad override, a stage's own error): its message is the
+    flow run's state message, with no traceback."""
+
+
+def raise_if_failed(state: State) -> None:
+    if state.is_failed():
+        raise StepFailed(state.message)
+
+
+def override_problem(repo: Path, overrides: dict[str, Any] | None) -> str | None:
+    """What is wrong with `overrides` against the workspace's params.yaml (the key and the nearest one, or the
+    value as the check stage names it), or None. A flow ends Failed with it as its message, no traceback."""
+    from dvc.exceptions import DvcException
+
+    try:
+        dvcrun.check_sets(repo / "params.yaml", dvcrun.set_params(overrides))
+    except (ValueError, DvcException) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) not in str(e) else ""
+        return f"bad override: {e}{cause}"
+    return None
+
+
 @task(name="apply-params", task_run_name="apply-params")
 def apply_params(repo: str, overrides: dict[str, Any] | None) -> list[str]:
-    logger = get_run_logger()
-    try:
-        sets = dvcrun.apply_overrides(Path(repo), overrides)
-    except Exception as e:
-        message = f"overrides {overrides}: {e}" + (f": {e.__cause__}" if e.__cause__ else "")
-        logger.error(message)
-        raise ValueError(message) from None  # the key-naming message is the flow run's failure message
-    logger.info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
+    sets = dvcrun.apply_overrides(Path(repo), overrides)
+    get_run_logger().info("params.yaml overrides (dvc exp run -S): %s", " ".join(sets) or "none")
     return sets
 
 
 @task(name="stage", task_run_name="{stage}", retries=2, retry_delay_seconds=30,
       retry_condition_fn=dvcrun.retry_if_transient)
-def run_stage(stage: str, repo: str, timeout_s: float) -> None:
+def run_stage(stage: str, repo: str, timeout_s: float) -> State | None:
     """`dvc repro <stage>`: runs the stage (and anything upstream that is stale) unless DVC's cache
-    says it is up to date; its output streams into this task's log."""
-    dvcrun.run(["repro", stage], Path(repo), get_run_logger(), timeout_s, what=f"stage {stage}")
+    says it is up to date; its output streams into this task's log. A failure that would repeat ends the
+    task in a Failed state carrying the stage's own message; a transient one raises, to be retried."""
+    try:
+        dvcrun.run(["repro", stage], Path(repo), get_run_logger(), timeout_s, what=f"stage {stage}")
+    except dvcrun.StageFailed as e:
+        if e.transient:
+            raise
+        return Failed(message=str(e))
+    return None
+
+
+def registration(repo: Path, overrides: dict[str, Any] | None, registry: bool) -> dict[str, Any]:
+    """The overrides with `tracking.register_models` set to `registry` where params.yaml says otherwise (and
+    the overrides do not set it): the register stage registers every method's model only when asked, so a
+    sweep's points (registry false) add no versions. params.yaml is not rewritten when nothing changes."""
+    overrides = dict(overrides or {})
+    current = (yaml.safe_load((repo / "params.yaml").read_text()).get("tracking") or {}).get("register_models")
+    if "tracking.register_models" not in overrides and current != registry:
+        overrides["tracking.register_models"] = registry
+    return overrides
+
+
+@task(name="link-runs", task_run_name="link-runs")
+def link_runs(references: dict, repo: Path, experiment: str) -> None:
+    """Tags on each method's MLflow training run naming the DVC experiment and the Prefect flow run that
+    made it (the flow's artifacts link back to the run)."""
+    tags = {"dvc_experiment": experiment, "prefect_flow_run": flow_run.name or "",
+            "prefect_flow_run_id": str(flow_run.id or "")}
+    if (flow_run.ui_url or "").startswith("http"):  # "None/flow-runs/..." when Prefect knows no UI address
+        tags["prefect_flow_run_url"] = flow_run.ui_url
+    for reference in references.values():
+        tag_run(resolve_uri(reference["tracking_uri"], repo), reference["run_id"], tags)
 
 
 @task(name="save-experiment", task_run_name="save-experiment")
@@ -182,7 +231,7 @@ def experiment_name() -> str:
 @flow(name="udddm-experiment")
 def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC, registry: bool = True,
                alias: str = "champion", stage_timeout_s: float = 24 * 3600, stage_retries: int = 2,
-               repo: str | None = None, remote: str | None = None) -> dict:
+               repo: str | None = None, remote: str | None = None) -> dict | State:
     """Run the DVC pipeline with `overrides` ({"method.udddm.process": "vp", "sample.num_samples": 512}), one
     task per stage; register the EMA model of the method `metric` names as `<method>-<data.source>` and move
     `alias` to it if `metric` (`<method>/nfe<k>/<name>`, e.g. udddm/nfe1/fid_classifier, lower is better;
@@ -193,14 +242,26 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     method = split_metric(metric)[0]
     name = experiment_name()
     with workspace_lock(root):
-        dvcrun.refuse_if_busy(root)  # before the snapshot: restoring it would undo the other operation's writes
-        with rollback_on_failure(root):
-            apply_params(str(root), overrides)
-            for stage in dvcrun.stages(root):
-                run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s)
+        overrides = registration(root, overrides, registry)
+        problem = override_problem(root, overrides)
+        if problem:
+            return Failed(message=problem)
+        try:
+            dvcrun.refuse_if_busy(root)  # before the snapshot: restoring it would undo the other operation's writes
+        except dvcrun.RepositoryBusy as e:
+            return Failed(message=str(e))
+        try:
+            with rollback_on_failure(root):
+                apply_params(str(root), overrides)
+                for stage in dvcrun.stages(root):
+                    raise_if_failed(run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s,
+                                                                                  return_state=True))
+        except StepFailed as e:
+            return Failed(message=str(e))
         params = yaml.safe_load((root / "params.yaml").read_text())
         metrics, references = read_scores(root, dvcrun.compared_methods(params))
         saved = save_experiment(str(root), name)
+        link_runs(references, root, saved or name)
         pushed = push_outputs(str(root), remote, saved)  # after the rollback scope: a failed push keeps the outputs
     if method not in references:
         raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods "

@@ -22,10 +22,12 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
+from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
-from flows.experiment import DEFAULT_METRIC, REPO, experiment, experiment_name, register_model, scores_table
+from flows.experiment import (DEFAULT_METRIC, REPO, experiment, experiment_name, override_problem, register_model,
+                              scores_table)
 from dddm.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
@@ -150,7 +152,8 @@ def score_of(result: dict, metric: str) -> float | None:
 @flow(name="udddm-sweep")
 def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None = None, metric: str = DEFAULT_METRIC,
           registry: bool = True, alias: str = "champion", concurrency: int = 1, stage_timeout_s: float = 24 * 3600,
-          repo: str | None = None, points: list[dict[str, Any]] | None = None, deployment: str | None = None) -> list[dict]:
+          repo: str | None = None, points: list[dict[str, Any]] | None = None,
+          deployment: str | None = None) -> list[dict] | State:
     """Every combination of `grid` ({"method.udddm.process": ["vp", "ve"], ...}), or the explicit `points`
     when given, on top of `overrides`, `concurrency` at a time; the best by `metric`
     (`<method>/nfe<k>/<name>`) is registered; the points' MLflow runs are grouped under one parent run.
@@ -166,7 +169,9 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     else:
         points = grid_points(grid)
     for point in points:  # every point's overrides checked before any runs: the key-naming message, not DVC's
-        dvcrun.check_sets(root / "params.yaml", dvcrun.set_params({**(overrides or {}), **point}))
+        problem = override_problem(root, {**(overrides or {}), **point})
+        if problem:
+            return Failed(message=f"point {json.dumps(point)}: {problem}")
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
     if deployment:
@@ -187,7 +192,9 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         prefix = experiment_name()
         with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
             futures = [runner.submit(temp_experiment, {"repo": str(root), "name": f"{prefix}-{i}",
-                                                        "overrides": {**(overrides or {}), **point},
+                                                        # the best point is registered below, not every point
+                                                        "overrides": {"tracking.register_models": False,
+                                                                      **(overrides or {}), **point},
                                                         "timeout_s": stage_timeout_s})
                        for i, point in enumerate(points)]
             wait(futures)
@@ -220,5 +227,5 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a sweep")
     failed = [point for point, r in rows if r is None]
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(points)} grid points failed: {failed}")
+        return Failed(message=f"{len(failed)} of {len(points)} grid points failed: {json.dumps(failed)}")
     return [r for _, r in rows]

@@ -5,21 +5,18 @@ Every stage depends on this stage's output, so DVC runs it first and an invalid 
 does not depend on the params, so a valid change reruns only the stages whose params changed.
 """
 
+from __future__ import annotations
+
 import os
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
-
-from dddm.checkpoint import CheckpointError, load_model
-from dddm.config import Config
-from dddm.distributed import resolve_device
-from dddm.finetune import InitialisationError, check_compatible
-from dddm.limits import Machine, machine_problems, shard_problems
-from dddm.methods import METHODS
+from typing import TYPE_CHECKING
 
 from .common import start
+
+if TYPE_CHECKING:
+    from dddm.config import Config
 
 
 def unwritable(directory: Path) -> str | None:
@@ -36,6 +33,11 @@ def unwritable(directory: Path) -> str | None:
 
 def environment_problems(cfg: Config) -> list[str]:
     """What params.yaml asks that this machine cannot give; each names the key."""
+    import torch
+
+    from dddm.distributed import resolve_device
+    from dddm.limits import Machine, machine_problems, shard_problems
+
     problems = []
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
@@ -63,6 +65,10 @@ def environment_problems(cfg: Config) -> list[str]:
 
 def finetune_problems(cfg: Config) -> list[str]:
     """`finetune.init_from` is a model this run's train stage writes, or an existing compatible model file."""
+    from dddm.checkpoint import CheckpointError, load_model
+    from dddm.finetune import InitialisationError, check_compatible
+    from dddm.methods import METHODS
+
     ft = cfg.finetune
     if not ft.methods:
         return []

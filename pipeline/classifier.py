@@ -5,9 +5,6 @@ prepared file's fingerprint and the params are unchanged, and its scores are in 
 
 import logging
 
-from dddm.classifier import save_classifier, train_classifier
-from dddm.data import PreparedDataset
-
 from .common import start
 
 log = logging.getLogger("classifier")
@@ -15,6 +12,9 @@ log = logging.getLogger("classifier")
 
 def main() -> None:
     cfg, args = start("classifier", __doc__, prepared="the prepared Arrow file", out="the classifier to write")
+    from dddm.classifier import save_classifier, train_classifier
+    from dddm.data import PreparedDataset
+
     dataset = PreparedDataset(args.prepared)
     everything = range(len(dataset))
     model, accuracy = train_classifier(dataset.images(everything), dataset.labels(everything),

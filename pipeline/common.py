@@ -1,5 +1,8 @@
 """What every stage does first: logging, its path arguments (given by dvc.yaml), and params.yaml
-validated once (errors name the key)."""
+validated once (errors name the key).
+
+Stage modules import torch, MLflow and the rest of `dddm` inside `main()`, after `start()` has parsed the
+arguments, so `python -m pipeline.<stage> --help` answers at once (tests/test_cli_imports.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dddm.config import Config, ConfigError, load_config
+if TYPE_CHECKING:
+    from dddm.config import Config
 
 PARAMS = os.environ.get("DDDM_PARAMS", "params.yaml")
 
@@ -24,6 +29,8 @@ def start(stage: str, doc: str | None = None, *, per_method: bool = False,
     if per_method:
         ap.add_argument("--method", required=True, help="a key of params `method` (udddm, ict, edm)")
     args = ap.parse_args()
+    from dddm.config import ConfigError, load_config  # torch, through the methods' registry
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s {stage}[{rank}] %(levelname)s %(name)s: %(message)s")

@@ -12,11 +12,18 @@ import json
 
 from PIL import Image, ImageDraw
 
-from dddm.evaluation import HEADLINE, fid_name
+from dddm.headline import HEADLINE, fid_name
 
 from .common import start
 
 TITLES = {"fid": "FID", "classes": "classes >= 3%"}  # the rest are shown under their own names
+
+
+def number(value) -> str:
+    """A table cell: whole numbers from 100 up (1469, not 1.47e+03), else three significant digits (19.1, 0.695)."""
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
 
 
 def table(rows: list[tuple[str, str, dict]]) -> str:
@@ -25,8 +32,7 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
     lines = ["| method | sampling | network evaluations | training images | " + " | ".join(t for _, t in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]
     for name, sampling, numbers in rows:
-        cells = [f"{numbers[k]:.3g}" if isinstance(numbers.get(k), float) else str(numbers.get(k, ""))
-                 for k, _ in keys]
+        cells = [number(numbers.get(k, "")) for k, _ in keys]
         images = f"{numbers['images']:,}" if "images" in numbers else ""
         lines.append(f"| {name} | {sampling} | {numbers.get('nfe', '')} | {images} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -78,10 +84,11 @@ def plot_curves(curves: dict[str, tuple[list[int], list[dict]]], path) -> None:
 
 
 def wide_tsv(x: str, values: dict[tuple[str, int], float], columns: list[str]) -> str:
-    """TSV: one line per x value, one column per name in `columns` (empty where it has no value)."""
+    """TSV: one line per x value, one column per name in `columns` (NaN where it has no value: an empty cell
+    is drawn as a point at 0, NaN is left out)."""
     lines = ["\t".join([x, *columns])]
     for at in sorted({at for name, at in values if name in columns}):
-        lines.append("\t".join([str(at), *(f"{values[m, at]:.6g}" if (m, at) in values else "" for m in columns)]))
+        lines.append("\t".join([str(at), *(f"{values[m, at]:.6g}" if (m, at) in values else "NaN" for m in columns)]))
     return "\n".join(lines) + "\n"
 
 
@@ -139,7 +146,7 @@ def main() -> None:
         trained += method_rows
         rows += [(label, sampling, row | {"images": report["images"]}) for _, sampling, row in method_rows]
         if "untrained" in report:
-            rows.append((f"{name}, untrained network", "1-step", report["untrained"]))
+            rows.append((f"{name}, untrained network", "1-step", report["untrained"] | {"nfe": 1}))
         steps, points = read_curve(args.runs / name / "curve.tsv")
         if points:
             curves[name] = (steps, points)

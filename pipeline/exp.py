@@ -3,10 +3,14 @@
     python -m pipeline.exp -S method.udddm.process=vp [any other `dvc exp run` argument]
     python -m pipeline.exp show [any other `dvc exp show` argument]
 
-`run` (the default) checks the `-S` overrides first, before DVC changes any file: a key params.yaml lacks
+`run` (the default) checks the `-S` overrides first, before any file changes: a key params.yaml lacks
 is named with the nearest key (DVC's own message advises `+key`, which adds a key the check stage then
-rejects), and a bad value is named as the check stage names it. It refuses to start while another DVC
-operation holds the repository (DVC's own `exp run` would rewrite params.yaml first, and the running
+rejects), and a bad value is named as the check stage names it. It then writes them into params.yaml
+itself, changing only those values (DVC's `-S` writer rewrites the whole file: `[1, 2]` lists become
+block lists, `null` an empty value), and runs `dvc exp run`; with `--queue`, `--temp` or `--run-all` the
+`-S` go to DVC, which applies them to the experiment's copy. Models are not registered unless asked:
+`tracking.register_models=false` is added unless an override sets it. It refuses to start while another
+DVC operation holds the repository (DVC's own `exp run` would rewrite params.yaml first, and the running
 operation would record those params for outputs made with others), and when `dvc exp run` fails,
 params.yaml is put back as it was.
 
@@ -21,9 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dvc.exceptions import DvcException
-
-from flows.dvcrun import RepositoryBusy, check_sets, refuse_if_busy
+from flows.dvcrun import RepositoryBusy, check_sets, refuse_if_busy, write_sets
 
 # dvc exp show's column names: a metric is `<key>`, or `<file>:<key>` where two files share the key;
 # a dependency is its path (params.yaml is the check stage's). out/headline.json's keys (`real`,
@@ -42,20 +44,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.exp", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-S", "--set-param", dest="sets", action="append", default=[], help="as `dvc exp run -S`")
-    args, _ = ap.parse_known_args()
+    args, rest = ap.parse_known_args()
+    from dvc.exceptions import DvcException
+
     params = Path("params.yaml")
+    before = params.read_bytes()
     try:
         refuse_if_busy(Path("."))
-        check_sets(params, args.sets)
+        check_sets(params, args.sets)  # the overrides as given, named in the message
+        sets = args.sets + unregistered(params, args.sets)
+        if {"--queue", "--temp", "--run-all"} & set(rest):  # DVC applies -S to the experiment's copy only
+            dvc("run", *rest, *(a for s in sets for a in ("-S", s)))
+        write_sets(params, sets)  # in the workspace, as `dvc exp run -S` would, keeping the layout
     except (ValueError, RepositoryBusy, DvcException) as e:
         sys.exit(f"exp: {e}")
-    before = params.read_bytes()
-    code = subprocess.call([sys.executable, "-m", "dvc", "exp", "run", *sys.argv[1:]])
+    code = subprocess.call([sys.executable, "-m", "dvc", "exp", "run", *rest])
     if code != 0 and params.read_bytes() != before:
-        # DVC writes the -S values before it runs anything (and before it takes the repository's lock)
         params.write_bytes(before)
         print(f"exp: dvc exp run failed (exit {code}); params.yaml restored as it was", file=sys.stderr)
     sys.exit(code)
+
+
+def unregistered(params_file: Path, sets: list[str]) -> list[str]:
+    """`tracking.register_models=false` unless the overrides set it or params.yaml already says so: an
+    experiment adds no model versions to the registry unless asked (`-S tracking.register_models=true`)."""
+    import yaml
+
+    if any(s.lstrip("+~").startswith("tracking.register_models=") for s in sets):
+        return []
+    if (yaml.safe_load(params_file.read_text()).get("tracking") or {}).get("register_models") is False:
+        return []
+    print("exp: models are not registered (-S tracking.register_models=true to register them)", file=sys.stderr)
+    return ["tracking.register_models=false"]
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 
-from dddm.config import ConfigError, load_config  # noqa: E402
-from dddm.distributed import torchrun_args  # noqa: E402
-
 from .common import PARAMS  # noqa: E402
 
 
@@ -42,6 +39,9 @@ def main() -> None:
     args, args.worker_args = ap.parse_known_args()  # the rest are the worker's own arguments
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
+    from dddm.config import ConfigError, load_config  # torch, through the methods' registry
+    from dddm.distributed import torchrun_args
+
     try:
         cfg = load_config(PARAMS)
         cfg.method_config(args.method)

@@ -3,13 +3,13 @@
 import json
 from dataclasses import asdict
 
-from dddm.data import DataError, prepare_dataset
-
 from .common import start
 
 
 def main() -> None:
     cfg, args = start("prepare", __doc__, prepared="the prepared Arrow file to write", info="its info JSON")
+    from dddm.data import DataError, prepare_dataset
+
     try:
         info = prepare_dataset(cfg.data.source, cfg.data.path, cfg.data.image_size, args.prepared)
     except DataError as e:

@@ -10,10 +10,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedSeq
-
-from dddm.config import ConfigError, merge_params, parse_config, read_yaml
 
 from .common import PARAMS
 
@@ -29,23 +25,13 @@ def parse_assignment(text: str) -> dict:
     return nested
 
 
-def update_in_place(document, overrides: dict) -> None:
-    """Lay overrides over a ruamel round-trip document, keeping its comments."""
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(document.get(key), dict):
-            update_in_place(document[key], value)
-        elif isinstance(value, list):
-            document[key] = CommentedSeq(value)
-            document[key].fa.set_flow_style()  # [1, 2, 2, 2], as params.yaml writes lists
-        else:
-            document[key] = value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("preset", type=Path, nargs="?", help="a partial params file, e.g. presets/cifar10-vp.yaml")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. data.path=/data/cifar-10-python.tar.gz")
     args = ap.parse_args()
+    from dddm.config import ConfigError, merge_params, parse_config, read_yaml  # torch, through the methods' registry
+
     overrides: dict = {}
     if args.preset is not None:
         if "=" in str(args.preset):  # only overrides given
@@ -60,14 +46,15 @@ def main() -> None:
     for text in args.overrides:
         overrides = merge_params(overrides, parse_assignment(text))
 
+    from dddm.params_file import round_trip, update_in_place
+
+    rt = round_trip()
     params_path = Path(PARAMS)
+    document = rt.load(params_path.read_text())
     try:
         parse_config(merge_params(read_yaml(params_path.read_text(), str(params_path)), overrides), str(params_path))
     except ConfigError as e:
         sys.exit(f"preset: not applied, the result would be invalid\n{e}")
-    rt = YAML()
-    rt.preserve_quotes = True
-    document = rt.load(params_path.read_text())
     update_in_place(document, overrides)
     with open(params_path, "w") as f:
         rt.dump(document, f)

@@ -6,12 +6,6 @@ samples) scored against those statistics, the floor a generator can reach at tha
 import json
 import logging
 
-from dddm.classifier import HOLDOUT_FRACTION, split_indices
-from dddm.data import PreparedDataset
-from dddm.distributed import resolve_device
-from dddm.evaluation import evaluate_samples, headline
-from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
-
 from .common import start
 
 log = logging.getLogger("pipeline.reference")
@@ -19,6 +13,12 @@ log = logging.getLogger("pipeline.reference")
 def main() -> None:
     cfg, args = start("reference", __doc__, prepared="the prepared Arrow file", classifier="the scoring classifier",
                       out="the reference statistics directory to write", real="the real-data row's metrics JSON")
+    from dddm.classifier import HOLDOUT_FRACTION, split_indices
+    from dddm.data import PreparedDataset
+    from dddm.distributed import resolve_device
+    from dddm.evaluation import evaluate_samples, headline
+    from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
+
     dataset = PreparedDataset(args.prepared)
     device = resolve_device(cfg.train.device)
     try:

@@ -5,23 +5,17 @@ holder's, whoever registered that (this stage, or a Prefect flow) -> <out> (what
 import json
 from pathlib import Path
 
-from dddm.evaluation import fid_name
-from dddm.registry import model_name, register_if_better, resolve_uri
+from dddm.headline import fid_key
 
 from .common import start
-
-
-def fid_key(metrics: dict) -> str:
-    """`nfe<k>/<fid name>` of the fewest network evaluations (`fid` with Inception, else the fallback's)."""
-    rows = sorted((int(row[3:]), row) for row in metrics if row.startswith("nfe"))
-    row = rows[0][1]
-    return f"{row}/{fid_name(metrics[row])}"
 
 
 def main() -> None:
     cfg, args = start("register", __doc__, scores="the score stages' directory (one sub-directory per method)",
                       runs="the train stages' directory (each method's mlflow_run.json)",
                       out="the JSON file of what was registered")
+    from dddm.registry import model_name, register_if_better, resolve_uri  # MLflow
+
     registered = {}
     if cfg.tracking.register_models:
         for method in cfg.compared:

@@ -2,14 +2,6 @@
 grid per step count (`sampler.<name>.steps`); the score stage logs both grids and scores to MLflow.
 Samples are written batch by batch as they are generated: memory holds one batch, not all of them."""
 
-import torch
-
-from dddm.checkpoint import CheckpointError, check_trained_with, load_model
-from dddm.distributed import resolve_device
-from dddm.integrity import save_samples
-from dddm.pixels import save_grid, to_uint8
-from dddm.sampling import sample_batches
-
 from .common import PARAMS, start
 
 GRID_IMAGES = 64  # as many as dddm.pixels.image_grid shows
@@ -18,6 +10,14 @@ GRID_IMAGES = 64  # as many as dddm.pixels.image_grid shows
 def main() -> None:
     cfg, args = start("sample", __doc__, per_method=True, model="the trained model.pt",
                       out="the directory of samples to write")
+    import torch
+
+    from dddm.checkpoint import CheckpointError, check_trained_with, load_model
+    from dddm.distributed import resolve_device
+    from dddm.integrity import save_samples
+    from dddm.pixels import save_grid, to_uint8
+    from dddm.sampling import sample_batches
+
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)

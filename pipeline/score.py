@@ -5,28 +5,20 @@ untrained network's score, uDDDM's t = T diagnostics), and the same numbers with
 run of this evaluation, a child of the method's training run."""
 
 import json
-
-import numpy as np
-
-from dddm.checkpoint import CheckpointError, load_model
-from dddm.data import PreparedDataset
-from dddm.diagnostics import udddm_diagnostics
-from dddm.distributed import resolve_device
-from dddm.evaluation import evaluate_samples, headline
-from dddm.integrity import load_samples
-from dddm.methods import UDDDM
-from dddm.sampling import sample
-from dddm.scoring import INCEPTION_FID_LAYER, InceptionWeightsMissing
-from dddm.scoring.inception import search_inception_weights
-from dddm.tracking import EvaluationRun
+import logging
 
 from .common import start
+
+log = logging.getLogger("score")
 
 SUMMARY = ("fid", "fid_classifier", "precision", "recall", "classes")
 
 
 def feature_network_reason(row: dict, score_cfg) -> str:
     """Which network the distances were computed in, and why (the classifier is the offline fallback)."""
+    from dddm.scoring import INCEPTION_FID_LAYER
+    from dddm.scoring.inception import search_inception_weights
+
     if row["feature_network"] != "classifier":
         return f"Inception features ({row['inception_weights']})"
     if score_cfg.use_inception == "never":
@@ -53,6 +45,17 @@ def main() -> None:
                       model="its model.pt", run="its mlflow_run.json", prepared="the prepared Arrow file",
                       reference="the reference statistics directory", classifier="the scoring classifier",
                       out="the directory for metrics.json and report.json")
+    from dddm.checkpoint import CheckpointError, load_model
+    from dddm.data import PreparedDataset
+    from dddm.diagnostics import udddm_diagnostics
+    from dddm.distributed import resolve_device
+    from dddm.evaluation import evaluate_samples, headline
+    from dddm.integrity import load_samples
+    from dddm.methods import UDDDM
+    from dddm.sampling import sample
+    from dddm.scoring import InceptionWeightsMissing
+    from dddm.tracking import EvaluationRun
+
     device = resolve_device(cfg.train.device)
     try:
         trained = load_model(args.model, device, expect_method=args.method)
@@ -64,7 +67,8 @@ def main() -> None:
     if missing:
         raise SystemExit(f"score: {', '.join(missing)}: samples not found (run the sample stage)")
 
-    def evaluate(images: np.ndarray, name: str) -> dict:
+    def evaluate(images, name: str) -> dict:
+        log.info("scoring %s (%d images)", name, len(images))
         return evaluate_samples(images, args.reference, args.classifier, cfg.score, device, name)
 
     # what the rows cost: the training images behind the model (its initialisation's included) and where it started
@@ -77,12 +81,14 @@ def main() -> None:
             row = {"steps": steps, "nfe": method.evaluations(steps)} | evaluate(images, str(path))
             report["rows"].append(row)
         if cfg.score.untrained_baseline:
+            log.info("sampling the untrained network (the floor any training must beat)")
             images = sample(method, trained.untrained(), cfg.sample.num_samples, trained.shape, 1,
                             cfg.sample.batch_size, device).numpy()
             report["untrained"] = evaluate(images, "untrained network samples")
     except (InceptionWeightsMissing, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"score: {e}")
     if isinstance(method, UDDDM):
+        log.info("uDDDM's t = T diagnostics")
         data = PreparedDataset(args.prepared).images(range(16))
         report["diagnostics"] = udddm_diagnostics(method, trained.net, data, device)
 
@@ -99,6 +105,7 @@ def main() -> None:
     for steps in paths:
         evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
     evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+    evaluation.log_headline(metrics)
     evaluation.finish()
     print(summary(method.name, metrics, feature_network_reason(report["rows"][0], cfg.score)))
 

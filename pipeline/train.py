@@ -13,20 +13,18 @@ from dddm.lifeline import die_with_launcher
 die_with_launcher()  # before the imports below (torch: seconds): a worker of a killed launcher never trains
 
 import json  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
-
-from dddm import checkpoint, distributed, runlock  # noqa: E402
-from dddm.curves import LearningCurve  # noqa: E402
-from dddm.data import PreparedDataset  # noqa: E402
-from dddm.finetune import InitialisationError, load_initialisation  # noqa: E402
-from dddm.tracking import MlflowTracker, TrackingUnavailable, ema_grid_sampler, write_run_reference  # noqa: E402
-from dddm.training import TrainingDiverged, run_directory, train, write_history  # noqa: E402
 
 from .common import start  # noqa: E402
 
 
-def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init) -> MlflowTracker:
-    """Rank 0's MLflow run; a resumed training run keeps logging into the run it started."""
+def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init):
+    """Rank 0's MLflow run (a dddm.tracking.MlflowTracker); a resumed training run keeps logging into the
+    run it started."""
+    from dddm import checkpoint
+    from dddm.tracking import MlflowTracker, ema_grid_sampler, write_run_reference
+
     run_file = run_dir / "mlflow_run.json"
     resuming = run_file.exists() and cfg.train.resume == "auto" and checkpoint.latest(run_dir) is not None
     shape = (info.channels, info.image_size, info.image_size)
@@ -36,8 +34,12 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init)
         params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods"}) | {"init": init.describe()}
     process = getattr(cfg.method_config(method.name), "process", None)
     run_name = "-".join(filter(None, [method.name, process, info.source, run_dir.name.rsplit("-", 1)[-1][:8]]))
-    tracker = MlflowTracker(cfg.tracking.experiment, params,
-                            tags={"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint},
+    tags = {"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint}
+    if init is not None:
+        tags["init_from"] = f"{init.path} ({init.method})"
+    if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` (python -m pipeline.exp) names its experiment to the stages
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    tracker = MlflowTracker(cfg.tracking.experiment, params, tags=tags,
                             run_id=json.loads(run_file.read_text())["run_id"] if resuming else None,
                             grid_every_epochs=cfg.tracking.grid_every_epochs,
                             grid_sampler=ema_grid_sampler(method, shape, device), run_name=run_name)
@@ -52,6 +54,13 @@ def main() -> None:
                       classifier="the scoring classifier (learning curves)",
                       out="the directory for model.pt, loss.tsv, curve.tsv, train_metrics.json, train_info.json "
                           "and mlflow_run.json")
+    from dddm import checkpoint, distributed, runlock
+    from dddm.curves import LearningCurve
+    from dddm.data import PreparedDataset
+    from dddm.finetune import InitialisationError, load_initialisation
+    from dddm.tracking import TrackingUnavailable, write_run_reference
+    from dddm.training import TrainingDiverged, run_directory, train, write_history
+
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)
     try:  # before anything starts: a model file that does not fit stops the stage, naming the key

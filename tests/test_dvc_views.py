@@ -104,3 +104,15 @@ def test_the_committed_classifier_is_the_one_every_stage_recorded():
     recorded = {name: entry["md5"] for name in users for key in ("deps", "outs")
                 for entry in stages[name].get(key, []) if entry["path"] == "data/classifier.pt"}
     assert recorded.keys() == users and set(recorded.values()) == {digest}
+
+
+def test_the_comparison_table_prints_numbers_as_the_readme_does():
+    from pipeline.compare import table
+
+    rows = [("real digits (held out)", "-", {"nfe": 0, "fid_classifier": 4.0412, "precision": 0.8906, "classes": 10}),
+            ("udddm", "1-step", {"nfe": 1, "fid_classifier": 1469.31, "precision": 0.0078, "classes": 2}),
+            ("edm", "18-step", {"nfe": 35, "fid_classifier": 19.093, "precision": 0.6953, "classes": 10})]
+    lines = table(rows).splitlines()
+    assert lines[2] == "| real digits (held out) | - | 0 | 4.04 | 0.891 | 10 |"
+    assert lines[3] == "| udddm | 1-step | 1 | 1469 | 0.0078 | 2 |"  # not 1.47e+03
+    assert lines[4] == "| edm | 18-step | 35 | 19.1 | 0.695 | 10 |"

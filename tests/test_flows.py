@@ -225,6 +225,9 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     reference = json.loads((repo / "out/train/udddm/mlflow_run.json").read_text())
     assert reference["tracking_uri"] == mlflow_server
     mlrun = mlflow.get_run(reference["run_id"])
+    # the run names the DVC experiment and the Prefect flow run that made it
+    assert mlrun.data.tags["dvc_experiment"].startswith(run.name) and mlrun.data.tags["prefect_flow_run_id"] == str(run.id)
+    assert "Stage 'check' didn't change" not in logs and "git add dvc.lock" not in logs  # DVC's lines condensed
     evaluation = latest_evaluation(mlflow, mlrun)  # the scores: a child run of the training run
     for row in ("nfe1", "nfe2"):
         for key in ("fid_classifier", "precision", "recall", "classes"):
@@ -255,6 +258,7 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert bad.state.is_failed(), bad.state
     # validated before any stage runs; the key-naming message is the flow run's state message
     assert "method.udddm.process" in bad.state.message and "subvp" in bad.state.message, bad.state.message
+    assert bad.state.message.count("subvp") == 1 and "Traceback" not in logs, logs[-4000:]  # said once, no traceback
     assert "Running stage" not in logs and "method.udddm.process" in logs, logs[-4000:]
     assert "Retry 1/" not in logs  # a bad parameter is not retried (Prefect logs "Retry 1/2 will start ...")
     assert {p: digest(repo / p) for p in before} == before

@@ -15,7 +15,7 @@ def exp(*sets: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epoch=2", "exp: overrides: train.epoch is not a key of params.yaml; did you mean train.epochs?"),
+    ("train.epoch=2", "exp: train.epoch is not a key of params.yaml; did you mean train.epochs?"),
     ("train.epochs=0", "exp: params.yaml with -S sample.num_samples=16 -S train.epochs=0: train.epochs: Input should "
                        "be greater than or equal to 1 (got 0)"),
     ("+train.epoch=2", "exp: params.yaml with -S sample.num_samples=16 -S +train.epoch=2: train.epoch: Extra inputs "
@@ -39,3 +39,20 @@ def test_checked_overrides_leave_params_yaml_as_it_was(tmp_path):
     assert params.read_bytes() == (ROOT / "params.yaml").read_bytes()
     with pytest.raises(ValueError, match=r"method.udddm.process: .*'subvp' is not one of vp, ve"):
         check_sets(params, ["method.udddm.process=subvp"])
+
+
+def test_overrides_change_only_their_own_lines_of_params_yaml(tmp_path):
+    """DVC's `-S` writer turns `[1, 2]` into block lists and `null` into an empty value across the file."""
+    from flows.dvcrun import write_sets
+
+    params = tmp_path / "params.yaml"
+    before = (ROOT / "params.yaml").read_text().splitlines()
+    params.write_text("\n".join(before) + "\n")
+    write_sets(params, ["train.epochs=2", "sampler.edm.steps=[5,10]", "data.path=/data/x", "train.grad_clip=null"])
+    after = params.read_text().splitlines()
+    assert len(after) == len(before)
+    changed = [(b, a) for b, a in zip(before, after) if a != b]
+    assert [a.split("#")[0].strip() for _, a in changed] == ["path: /data/x", "epochs: 2", "edm: {steps: [5, 10]}"]
+    assert all(b.split("#")[1:] == a.split("#")[1:] for b, a in changed)  # each line keeps its comment
+    write_sets(params, [])
+    assert params.read_text().splitlines() == after

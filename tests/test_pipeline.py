@@ -103,16 +103,22 @@ def test_plots_compare_the_methods(reproduced):
                                  "out/compare/grids.png", "out/compare/learning_curves.png"}
     assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
     fid = plots["fid_by_network_evaluations"][0]["content"]
-    points = {(column(v), v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != ""}
+    points = {(column(v), v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != "NaN"}
     assert points == {("udddm", "1"), ("udddm", "2"), ("ict", "1"), ("ict", "2"), ("edm", "7"), ("ect", "1"), ("ect", "2")}
     curves = plots["learning_curves"][0]["content"]["data"]["values"]
-    assert {(column(v), v["images"]) for v in curves if v["dvc_inferred_y_value"] != ""} == \
+    assert {(column(v), v["images"]) for v in curves if v["dvc_inferred_y_value"] != "NaN"} == \
         {("udddm", "1797"), ("ict", "1797"), ("edm", "1797"), ("ect", "1797"), ("ect", "3594")}
     pr = plots["precision_recall"][0]["content"]
     assert pr["encoding"]["x"]["field"] == "recall"  # precision against recall: both on 0..1, no FID beside them
     assert {v["point"] for v in pr["data"]["values"]} == {"real digits (held out) -", "udddm 1-step", "udddm 2-step",
                                                            "ict 1-step", "ict 2-step", "edm 4-step",
                                                            "ect 1-step", "ect 2-step"}
+    # `python -m pipeline.plots`: the same page with vega, vega-lite and vega-embed inline, nothing from a CDN
+    offline = subprocess.run([sys.executable, "-m", "pipeline.plots", "-o", "offline_plots"], cwd=repo, env=run_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert offline.returncode == 0, offline.stderr
+    page = (repo / "offline_plots" / "index.html").read_text()
+    assert "<script src" not in page and "window.vegaEmbed=" in page and page.count("vegaEmbed('#") == 7
 
 
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):

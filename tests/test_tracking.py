@@ -98,7 +98,9 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     client = MlflowClient(mlflow_server)
     run = client.get_run(ref["run_id"])
     assert run.info.status == "FINISHED"
-    assert client.get_experiment(run.info.experiment_id).name == "test-exp"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "test-exp"  # opened as model training in the UI, not in the GenAI layout:
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     logged = {k: v for k, v in params.items() if k not in ("methods", "method")} | \
         {"method": {"udddm": params["method"]["udddm"]}}
     assert run.data.params == flatten(json.loads(json.dumps(logged)))  # params.yaml with this method's section
@@ -120,9 +122,9 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     for key in ("guide", "iterative", "weight", "lr", "img_per_s", "store_bytes"):
         assert client.get_metric_history(run.info.run_id, key), key
     grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    for key in ("ema_1step", "ema_2step"):  # each grid keyed, with the epoch as its step (the UI's slider)
+    for key in ("ema_1step", "ema_2step"):  # each grid keyed, at the training step of its epoch's end (the slider)
         assert {int(p.split("+")[2]) for p in grids if p.startswith(f"images/{key}+step+") and p.endswith(".png")} \
-            == {1, 2}
+            == {steps // 2, steps}
     models = client.search_logged_models([run.info.experiment_id])
     [model] = [m for m in models if m.source_run_id == run.info.run_id and m.name == "ema_model"]
     # pt2 (torch.export): loads without dddm or unpickling, and computes what the EMA network computes
@@ -139,6 +141,11 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert expected.abs().max() > 0 and torch.allclose(exported(x0_est, x_t, noise_label), expected, atol=1e-5)
     assert "nfe1/fid_classifier" not in run.data.metrics  # scores go to the evaluation's own run:
     [evaluation] = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    # but the headline, the fewest-step FID, is on the training run too (a column of the runs list)
+    scores = json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())
+    assert run.data.metrics["fid_classifier"] == pytest.approx(scores["nfe1"]["fid_classifier"])
+    assert run.data.tags["headline"] == "nfe1/fid_classifier"
+    assert run.data.tags["headline_evaluation"] == evaluation.info.run_id
     assert evaluation.info.run_name.startswith(run.info.run_name + "-eval-")
     assert evaluation.data.params["sampler.udddm.steps"] == "[1, 2]" and "train.lr" not in evaluation.data.params
     samples = {a.path for a in client.list_artifacts(evaluation.info.run_id, "samples")}

@@ -4,15 +4,14 @@ only the features (docs/scoring.md, "Images")."""
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..pixels import to_float, to_uint8
+from ..progress import progress as progress_bar
 
 _FLOAT_TOL = 1e-3  # float images may exceed [-1, 1] by this much (rounding); beyond it is an error
 
@@ -69,8 +68,7 @@ def extract_features(images: np.ndarray | torch.Tensor,
     convert = to_uint8 if input_kind == "uint8" else to_float
     outs: list[np.ndarray] | None = None
     single = False
-    with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", disable=not progress,
-                                      file=sys.stderr) as bar:
+    with torch.inference_mode(), progress_bar(n, desc, unit="img", disable=not progress) as bar:
         for i in range(0, n, batch_size):
             chunk = images[i:i + batch_size]
             batch = convert(torch.as_tensor(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray)

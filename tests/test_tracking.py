@@ -66,7 +66,7 @@ def kill_server(proc: subprocess.Popen) -> None:
 def mlflow_server(tmp_path_factory):
     proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), free_port())
     yield uri
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # its job runner and consumers too (they outlive the server's own exit)
     proc.wait(timeout=30)
 
 

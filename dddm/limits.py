@@ -137,8 +137,12 @@ def machine_problems(cfg, machine: Machine) -> list[str]:
         entry[1] += nbytes
         entry[2][key] = entry[2].get(key, 0) + nbytes
 
+    counted: dict[str, tuple] = {}  # methods whose networks take the estimate alike share one network
     for name in cfg.methods:
-        params = parameter_count(cfg, name)
+        conditioning = cfg.make_method(name).conditioning
+        if conditioning not in counted:
+            counted[conditioning] = (parameter_count(cfg, name), *flops_per_image(cfg, name))
+        params, train_flops, forward_flops = counted[conditioning]
         weights = 4 * params
         activations = activation_bytes_per_image(cfg) * tc.batch_size
         per_process = weights * TRAINING_COPIES + activations
@@ -164,7 +168,6 @@ def machine_problems(cfg, machine: Machine) -> list[str]:
         nfe = max(cfg.make_method(name).evaluations(s) for s in getattr(cfg.sampler, name).steps)
         sample_sets = len(getattr(cfg.sampler, name).steps)
         need(Path("out"), cfg.sample.num_samples * image_bytes * sample_sets, "sample.num_samples")
-        train_flops, forward_flops = flops_per_image(cfg, name)
         rate = machine.flop_rate * (tc.nproc if on_gpu else 1)  # CPU processes share the cores measured
         if n is not None:
             train_time = tc.epochs * n * train_flops / rate

@@ -2,6 +2,11 @@
 
     python -m pipeline.exp -S method.udddm.process=vp [any other `dvc exp run` argument]
     python -m pipeline.exp show [any other `dvc exp show` argument]
+    python -m pipeline.exp verify
+
+`verify` compares the params dvc.lock records for each train stage with those its model.pt was trained
+with (the train stage writes them into the file), and names every difference: what an experiment started
+during a run used to leave behind (README, Known issues).
 
 `run` (the default) checks the `-S` overrides first, before any file changes: a key params.yaml lacks
 is named with the nearest key (DVC's own message advises `+key`, which adds a key the check stage then
@@ -38,7 +43,36 @@ def dvc(*args: str) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "dvc", "exp", *args])
 
 
+def lock_differences(lock_path: Path) -> list[str]:
+    """`<model.pt>: <key>: ...` for each param dvc.lock records for a train stage that differs from the
+    one its model file was trained with."""
+    import yaml
+
+    from dddm.checkpoint import load_model, params_differences
+
+    out = []
+    for name, stage in (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}).items():
+        model = next((o["path"] for o in stage.get("outs", []) if o["path"].endswith("model.pt")), None)
+        if not name.startswith("train@") or model is None or not Path(model).is_file():
+            continue
+        trained = load_model(model).cfg.model_dump(mode="json")
+        for key, recorded in (stage.get("params") or {}).get("params.yaml", {}).items():
+            value = trained
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            found = params_differences({key: value}, {key: recorded})
+            out += [f"{model}: {d.replace(' now', ' in dvc.lock')}" for d in found]
+    return out
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["verify"]:
+        differences = lock_differences(Path("dvc.lock"))
+        if differences:
+            sys.exit("exp: dvc.lock records other params than the models were trained with (retrain them with "
+                     "`dvc repro -f train@<method>`):\n" + "\n".join(differences))
+        print("exp: dvc.lock records the params each model was trained with")
+        return
     if sys.argv[1:2] == ["show"]:
         dvc("show", "--only-changed", "--keep", HEADLINE_COLUMNS, "--drop", NOT_SHOWN, *sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m pipeline.exp", description=__doc__,

@@ -15,7 +15,7 @@ import torch
 
 from dddm import checkpoint
 from dddm.classifier import load_classifier
-from dddm.integrity import load_samples
+from dddm.integrity import file_sha256, load_samples
 from dddm.scoring import FeatureStats
 from dddm.scoring.inception import load_inception
 from dddm.scoring.reference import reference_files
@@ -54,8 +54,6 @@ def _npy_object_array(path: Path, payload) -> None:
 
 def _reference_features(path: Path):
     """The reference features file, listed in a meta whose checksums match it (an attacker can rewrite both)."""
-    from dddm.integrity import file_sha256
-
     stats = FeatureStats(mu=np.zeros(2), sigma=np.eye(2), n=3)
     stats.save(path.parent / "stats.npz")
     classifier = path.parent / "net.bin"

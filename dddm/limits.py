@@ -138,7 +138,7 @@ def machine_problems(cfg, machine: Machine) -> list[str]:
         entry[2][key] = entry[2].get(key, 0) + nbytes
 
     counted: dict[str, tuple] = {}  # methods whose networks take the estimate alike share one network
-    for name in cfg.methods:
+    for name in cfg.compared:
         conditioning = cfg.make_method(name).conditioning
         if conditioning not in counted:
             counted[conditioning] = (parameter_count(cfg, name), *flops_per_image(cfg, name))
@@ -170,9 +170,10 @@ def machine_problems(cfg, machine: Machine) -> list[str]:
         need(Path("out"), cfg.sample.num_samples * image_bytes * sample_sets, "sample.num_samples")
         rate = machine.flop_rate * (tc.nproc if on_gpu else 1)  # CPU processes share the cores measured
         if n is not None:
-            train_time = tc.epochs * n * train_flops / rate
+            epochs, key = cfg.epochs_of(name), "finetune.epochs" if cfg.finetuned(name) else "train.epochs"
+            train_time = epochs * n * train_flops / rate
             if train_time > limit:
-                problems.append(f"train.epochs: {tc.epochs} epochs of {n} images for {name} would take about "
+                problems.append(f"{key}: {epochs} epochs of {n} images for {name} would take about "
                                 f"{fmt_hours(train_time)} here (limits.max_hours is {cfg.limits.max_hours:g})")
         sample_time = cfg.sample.num_samples * sample_sets * nfe * forward_flops / machine.flop_rate
         if sample_time > limit:

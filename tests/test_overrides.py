@@ -48,11 +48,11 @@ def test_overrides_change_only_their_own_lines_of_params_yaml(tmp_path):
     params = tmp_path / "params.yaml"
     before = (ROOT / "params.yaml").read_text().splitlines()
     params.write_text("\n".join(before) + "\n")
-    write_sets(params, ["train.epochs=2", "sampler.edm.steps=[5,10]", "data.path=/data/x", "train.grad_clip=null"])
+    write_sets(params, ["train.epochs=20", "sampler.edm.steps=[5,10]", "data.path=/data/x", "train.grad_clip=null"])
     after = params.read_text().splitlines()
     assert len(after) == len(before)
     changed = [(b, a) for b, a in zip(before, after) if a != b]
-    assert [a.split("#")[0].strip() for _, a in changed] == ["path: /data/x", "epochs: 2", "edm: {steps: [5, 10]}"]
+    assert [a.split("#")[0].strip() for _, a in changed] == ["path: /data/x", "epochs: 20", "edm: {steps: [5, 10]}"]
     assert all(b.split("#")[1:] == a.split("#")[1:] for b, a in changed)  # each line keeps its comment
     write_sets(params, [])
     assert params.read_text().splitlines() == after

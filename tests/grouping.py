@@ -11,7 +11,7 @@ SPREAD_MODULES = {"test_training.py"}
 # The longest modules are handed out first, so that no worker starts one near the end while the other
 # idles; the spread modules' single tests fill in last. Measured with `--durations=0` under make test:
 # test_pipeline about 6 minutes, test_flows 3.5, test_tracking 1.5; test_workers 9.4 and test_multinode 6 on
-# their own while other jobs loaded the machine to 10-20 (not yet measured under make test).
+# their own (9.4 and 8.2 in a later run) while other jobs loaded the machine to 10-20 (not measured under make test).
 LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py"]
 
 

@@ -258,9 +258,11 @@ def test_a_second_clone_pulls_from_a_dvc_remote_reproduces_nothing_and_pulls_an_
     """A shared directory as the DVC remote and a bare git repository as the git remote, standing in for
     S3/GCS/SSH and a git server: what one clone pushes, another pulls, and `dvc repro` there does nothing."""
     repo, _ = reproduced
-    write_params(repo, tiny_params())
     git = dict(cwd=repo, check=True, capture_output=True)
-    assert dvc(repo, "checkout", "--force").returncode == 0  # the previous test's failed prepare removed its output
+    # back to the committed baseline (the previous test left an experiment applied and a failed prepare)
+    subprocess.run(["git", "checkout", "--", "."], **git)
+    assert dvc(repo, "checkout", "--force").returncode == 0
+    assert "up to date" in dvc(repo, "status").stdout
     assert dvc(repo, "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")).returncode == 0
     subprocess.run(["git", "add", "-A"], **git)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "remote"], **git)
@@ -269,9 +271,11 @@ def test_a_second_clone_pulls_from_a_dvc_remote_reproduces_nothing_and_pulls_an_
     subprocess.run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], **git)
     pushed = dvc(repo, "push")
     assert pushed.returncode == 0, pushed.stderr[-2000:]
-    [experiment] = [line.split()[0] for line in dvc(repo, "exp", "ls", "--name-only").stdout.splitlines()
+    [experiment] = [line.split()[0] for line in dvc(repo, "exp", "ls", "--all-commits", "--name-only").stdout.splitlines()
                     if line.strip()][:1]  # the experiment of the previous test (process ve)
-    assert dvc(repo, "exp", "push", "origin", experiment).returncode == 0
+    # DVC reads an experiment's remotes from its own commit, which predates the remote: name it locally too
+    assert dvc(repo, "remote", "add", "--local", "shared", str(tmp_path / "dvc-remote")).returncode == 0
+    assert dvc(repo, "exp", "push", "--remote", "shared", "origin", experiment).returncode == 0
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "-b", "main", str(tmp_path / "origin.git"), str(clone)], check=True)
@@ -281,7 +285,8 @@ def test_a_second_clone_pulls_from_a_dvc_remote_reproduces_nothing_and_pulls_an_
     assert again.returncode == 0 and not ran(again), again.stdout[-3000:]
     assert snapshot(clone) == snapshot(repo)
 
-    assert dvc(clone, "exp", "pull", "origin", experiment).returncode == 0
+    assert dvc(clone, "remote", "add", "--local", "shared", str(tmp_path / "dvc-remote")).returncode == 0
+    assert dvc(clone, "exp", "pull", "--remote", "shared", "origin", experiment).returncode == 0
     applied = dvc(clone, "exp", "apply", experiment)
     assert applied.returncode == 0, applied.stderr[-2000:]
     model = torch.load(clone / "out/train/udddm/model.pt", weights_only=False)

@@ -71,6 +71,10 @@ class TrainConfig(Section):
     eval_every: int = Field(ge=0)  # epochs between learning-curve points of the EMA model; 0 = none
     eval_samples: int = Field(ge=2)  # samples per learning-curve point
 
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
 
 class FinetuneConfig(Section):
     """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
@@ -79,10 +83,6 @@ class FinetuneConfig(Section):
     init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
     epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
     lr: float = Field(gt=0.0, allow_inf_nan=False)
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc
 
 
 class RendezvousConfig(Section):

@@ -78,7 +78,8 @@ def copy_repo(dest: Path) -> Path:
                            capture_output=True, text=True).stdout.split()
     for name in files:
         src = ROOT / name
-        if src.is_file() and not name.startswith(("data/", "out/")):
+        # the scoring classifier is kept in git (a fresh clone has it); other data/ and out/ files are outputs
+        if src.is_file() and (not name.startswith(("data/", "out/")) or name == "data/classifier.pt"):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-METHODS = ("udddm", "ict", "edm")
+METHODS = ("udddm", "ict", "edm", "ect")  # ect: fine-tuned from edm's model
 # information, not metrics: they live in report.json and train_info.json, never in a metrics file
 NOT_METRICS = {"feature_network", "num_samples", "num_reference", "inception_weights", "classifier_test_accuracy",
                "is_classifier", "nfe", "steps", "weight", "levels", "guide", "iterative", "class_histogram"}
@@ -48,7 +48,8 @@ def test_exp_show_of_the_committed_default_fits_200_columns():
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe35"]
+    assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe35",
+                      "ect.nfe1", "ect.nfe2"]
     assert max(len(line) for line in lines) <= 200, shown.stdout
 
 
@@ -56,14 +57,15 @@ def test_plots_are_the_comparison_plots_and_the_loss_curves_only():
     shown = dvc_json("plots", "show")
     assert not shown.get("errors"), shown["errors"]
     plots = shown["data"]
-    assert set(plots) == {"fid_by_network_evaluations", "precision_recall", "out/compare/grids.png",
-                          *(f"out/train/{m}/loss.tsv" for m in METHODS)}
+    assert set(plots) == {"fid_by_network_evaluations", "precision_recall", "learning_curves", "out/compare/grids.png",
+                          "out/compare/learning_curves.png", *(f"out/train/{m}/loss.tsv" for m in METHODS)}
     assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
     pr = plots["precision_recall"][0]["content"]["encoding"]
     assert (pr["x"]["field"], pr["y"]["field"]) == ("recall", "precision")  # both 0..1, no FID on their axis
     fid = plots["fid_by_network_evaluations"][0]["content"]
     assert fid["encoding"]["x"]["field"] == "nfe"
-    assert {v["field"] for v in fid["data"]["values"]} == set(METHODS)  # one series per method
+    # one series per method (DVC keys a value `filename::field` when the plot reads two files)
+    assert {v["filename::field"].split("::")[1] for v in fid["data"]["values"]} == set(METHODS)
 
 
 @pytest.mark.parametrize("use_inception, found, reason", [

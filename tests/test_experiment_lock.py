@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_an_experiment_is_refused_while_dvc_repro_runs_and_the_lock_stays_true(repo_copy):
-    write_params(repo_copy, tiny_params(methods=["edm"], train={"epochs": 12, "batch_size": 64}))
+    write_params(repo_copy, tiny_params(methods=["edm"], finetune={"methods": []}, train={"epochs": 12, "batch_size": 64}))
     repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo_copy, env=run_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:

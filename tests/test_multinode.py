@@ -16,7 +16,8 @@ import yaml
 from conftest import ROOT, run_env, tiny_params
 from dddm.data import prepare_dataset
 
-LAUNCH = [sys.executable, "-m", "pipeline.launch", "pipeline.train", "--method", "udddm"]
+LAUNCH = [sys.executable, "-m", "pipeline.launch", "pipeline.train", "--method", "udddm",
+          "--classifier", str(ROOT / "data" / "classifier.pt")]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path):
     from conftest import copy_repo, write_params
 
     repo = copy_repo(tmp_path / "repo")
-    write_params(repo, tiny_params(methods=["udddm"], train={"epochs": 500, "nproc": 2}))
+    write_params(repo, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"epochs": 500, "nproc": 2}))
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@udddm"], cwd=repo,
                            env=run_env(SHELL="/bin/sh"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

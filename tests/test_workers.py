@@ -28,7 +28,7 @@ def test_two_workers_in_other_clones_run_two_points_at_once_into_the_shared_serv
 
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
     here = copy_repo(tmp_path / "a")  # the clone that deploys and triggers
-    write_params(here, tiny_params(methods=["udddm"]))
+    write_params(here, tiny_params(methods=["udddm"], finetune={"methods": []}))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], here)
     sh(["git", "init", "-q", "--bare", str(origin)], tmp_path)

@@ -9,8 +9,10 @@ to <run_dir>/curve.jsonl, so that a resumed run keeps the points before its chec
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -32,9 +34,26 @@ def curve_steps(steps: tuple[int, ...]) -> list[int]:
     return [fewest] + ([2] if 2 in steps and fewest != 2 else [])
 
 
-def curve_fields(steps: tuple[int, ...]) -> tuple[str, ...]:
-    """The TSV columns: epoch, training images, then each followed row's numbers (`fid_classifier_1step`)."""
-    return ("epoch", "images", *(f"{k}_{s}step" for s in curve_steps(steps) for k in POINT_FIELDS))
+def column(key: str, steps: int) -> str:
+    """A point's number for one followed row: `fid_classifier_1step` (read back by `read_tsv`)."""
+    return f"{key}_{steps}step"
+
+
+def write_tsv(path: Path, followed: list[int], rows: list[dict]) -> None:
+    """curve.tsv: epoch, training images, then each followed row's numbers; no rows and no followed rows when
+    the run kept no curve (train.eval_every 0), the header DVC's plot still reads."""
+    fields = ("epoch", "images", *(column(k, s) for s in followed for k in POINT_FIELDS))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(["\t".join(fields)] + ["\t".join(str(r[k]) for k in fields) for r in rows]) + "\n")
+
+
+def read_tsv(path) -> tuple[list[int], list[dict]]:
+    """A curve.tsv: the step counts it follows (from its `fid_classifier_<k>step` columns), its points."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        points = [{k: float(v) for k, v in row.items()} for row in reader]
+    followed = [int(m[1]) for name in reader.fieldnames or () if (m := re.fullmatch(r"fid_classifier_(\d+)step", name))]
+    return followed, points
 
 
 class LearningCurve:
@@ -73,7 +92,7 @@ class LearningCurve:
             x = sample(self.method, net, self.num_samples, self.shape, steps, self.score_cfg.batch_size, self.device)
             scores = evaluate_samples(x.numpy(), self.reference, self.classifier_path, self.score_cfg, self.device,
                                       f"learning-curve samples ({steps}-step, epoch {epoch})")
-            row |= {f"{k}_{steps}step": scores[k] for k in POINT_FIELDS}
+            row |= {column(k, steps): scores[k] for k in POINT_FIELDS}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("learning curve: epoch %d, %d images: %s", epoch, images,
@@ -81,7 +100,4 @@ class LearningCurve:
         return row
 
     def write_tsv(self, tsv_path: Path) -> None:
-        fields = curve_fields(self.method.sampler.steps)
-        tsv_path.parent.mkdir(parents=True, exist_ok=True)
-        lines = ["\t".join(fields)] + ["\t".join(str(r[k]) for k in fields) for r in self.rows()]
-        tsv_path.write_text("\n".join(lines) + "\n")
+        write_tsv(tsv_path, curve_steps(self.method.sampler.steps), self.rows())

@@ -337,6 +337,12 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.info.num_samples
 
+    @property
+    def stored_images(self) -> np.ndarray:
+        """Every image as stored, uint8 (N, C, H, W), a view of the memory map: reading it batch by batch
+        (feature extraction) never holds the dataset in memory (ImageNet 64x64 as float32: 63 GB)."""
+        return self._images
+
     def images(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 (B, C, H, W) in [-1, 1], u / 127.5 - 1 for the stored uint8 u."""
         return to_float(torch.from_numpy(self._images[_index_array(indices)]))

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 from .files import atomic_open
 
@@ -37,6 +36,8 @@ def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def image_grid(images: torch.Tensor, max_images: int = 64, min_tile: int = 32) -> np.ndarray:
     """Up to 64 images in [-1, 1] as an 8-wide uint8 HWC grid; small images are enlarged
     (nearest neighbour) so a 16x16 digit is still readable."""
+    from torchvision.utils import make_grid  # here, not at the top: torchvision adds ~160 MB to every stage's start
+
     images = to_uint8(images[:max_images].cpu())
     scale = max(1, math.ceil(min_tile / images.shape[-1]))
     images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)  # nearest neighbour

@@ -193,7 +193,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     images_before = init.images if init is not None else 0  # the initialisation's training images
     curve = curve if world.is_main else None
     if curve is not None:
-        curve.prepare(dataset.images(range(info.num_samples)), info.fingerprint, global_step // steps_per_epoch)
+        curve.prepare(dataset.stored_images, info.fingerprint, global_step // steps_per_epoch)
         if init is not None and global_step == 0:
             tracker.log_metrics(curve_metrics(curve.record(ema.module, 0, images_before)), 0)
     saved = latest  # the newest checkpoint this run can go back to

@@ -249,7 +249,7 @@ def check_sets(params_file: Path, sets: list[str]) -> dict:
         copy = Path(tmp) / "params.yaml"
         shutil.copyfile(params_file, copy)
         dvc_apply_overrides(copy, sets)
-        source = f"{params_file.name} with -S {' -S '.join(sets)}"
+        source = f"{params_file.name} with the -S overrides"  # the error names the key and its value
         params = read_yaml(copy.read_text(), source) or {}
     parse_config(params, source)
     return params

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -74,6 +75,21 @@ def rollback_on_failure(repo: Path):
                 except Exception as e:  # never hide the stage's own error behind this one
                     logger.error("restoring the earlier outputs failed: %s", e)
             raise
+
+
+class FailedRunTracebackFilter(logging.Filter):
+    """Drops the traceback Prefect's engine logs when a flow ends in the Failed state it returned: the engine
+    re-raises that state as FailedRun ("Engine execution exited with unexpected exception"), but the flow run's
+    state message already says what failed, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.exceptions import FailedRun
+
+        return not (record.exc_info and isinstance(record.exc_info[1], FailedRun))
+
+
+# the runner's flow-run process imports this module before its engine runs the flow
+logging.getLogger("prefect.flow_runs").addFilter(FailedRunTracebackFilter())
 
 
 class StepFailed(RuntimeError):

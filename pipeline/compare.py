@@ -7,7 +7,6 @@ fine-tuned methods (*_finetuned.tsv), and <out>/precision_recall.tsv (each metho
 in the precision-recall plane); and <headline>, a metrics file of one FID per method and row (the columns
 `python -m pipeline.exp show` keeps)."""
 
-import csv
 import json
 
 from PIL import Image, ImageDraw
@@ -45,18 +44,11 @@ def method_label(report: dict) -> str:
         f"{report['method']} (from {init['method']}'s model, {init['images']:,} images)"
 
 
-def read_curve(path) -> tuple[list[int], list[dict]]:
-    """A train stage's curve.tsv: the step counts it follows (from its `fid_classifier_<k>step` columns), its points."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        points = [{k: float(v) for k, v in row.items()} for row in reader]
-    steps = [int(k[len("fid_classifier_"):-len("step")]) for k in reader.fieldnames or () if k.startswith("fid_classifier_")]
-    return steps, points
-
-
 def curves_tsv(curves: dict[str, tuple[list[int], list[dict]]]) -> str:
     """Each method's fewest-step fid_classifier against training images."""
-    fid = {(name, int(row["images"])): row[f"fid_classifier_{steps[0]}step"]
+    from dddm.curves import column
+
+    fid = {(name, int(row["images"])): row[column("fid_classifier", steps[0])]
            for name, (steps, rows) in curves.items() for row in rows}
     return wide_tsv("images", fid, list(curves))
 
@@ -65,13 +57,15 @@ def plot_curves(curves: dict[str, tuple[list[int], list[dict]]], path) -> None:
     """fid_classifier against training images, a line per method and followed row (2-step dashed)."""
     import matplotlib
 
+    from dddm.curves import column
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     for i, (name, (steps, rows)) in enumerate(curves.items()):
         for s, style in zip(steps, ("-", "--")):
-            ax.plot([r["images"] for r in rows], [r[f"fid_classifier_{s}step"] for r in rows], style, marker="o",
+            ax.plot([r["images"] for r in rows], [r[column("fid_classifier", s)] for r in rows], style, marker="o",
                     markersize=3, color=f"C{i}", label=f"{name} {s}-step")
     ax.set_xlabel("training images (a fine-tuned method's include its initialisation's)")
     ax.set_ylabel("fid_classifier (lower is better)")
@@ -134,6 +128,8 @@ def main() -> None:
                       real="the real-data row's metrics JSON",
                       out="the directory for table.md, grids.png, learning_curves.png and the plots' TSV files",
                       headline="the headline metrics JSON (one FID per method and row)")
+    from dddm.curves import read_tsv
+
     real = json.loads(args.real.read_text())["real"]
     rows, trained = [("real digits (held out)", "-", real | {"nfe": 0})], []
     grids, curves = [], {}
@@ -147,7 +143,7 @@ def main() -> None:
         rows += [(label, sampling, row | {"images": report["images"]}) for _, sampling, row in method_rows]
         if "untrained" in report:
             rows.append((f"{name}, untrained network", "1-step", report["untrained"] | {"nfe": 1}))
-        steps, points = read_curve(args.runs / name / "curve.tsv")
+        steps, points = read_tsv(args.runs / name / "curve.tsv")
         if points:
             curves[name] = (steps, points)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ def main() -> None:
     dataset = PreparedDataset(args.prepared)
     device = resolve_device(cfg.train.device)
     try:
-        compute_reference_stats(dataset.images(range(len(dataset))), args.out, classifier_path=args.classifier,
+        compute_reference_stats(dataset.stored_images, args.out, classifier_path=args.classifier,
                                 inception_weights=cfg.score.inception_weights,
                                 use_inception=cfg.score.inception_required, batch_size=cfg.score.batch_size,
                                 device=device, fingerprint=dataset.info.fingerprint)

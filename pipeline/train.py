@@ -56,6 +56,7 @@ def main() -> None:
                           "and mlflow_run.json")
     from dddm import checkpoint, distributed, runlock
     from dddm.curves import LearningCurve
+    from dddm.curves import write_tsv as write_curve_tsv
     from dddm.data import PreparedDataset
     from dddm.finetune import InitialisationError, load_initialisation
     from dddm.tracking import TrackingUnavailable, write_run_reference
@@ -92,7 +93,7 @@ def main() -> None:
             if curve is not None:
                 curve.write_tsv(args.out / "curve.tsv")
             else:  # train.eval_every 0: no points, the file DVC expects
-                (args.out / "curve.tsv").write_text("epoch\timages\n")
+                write_curve_tsv(args.out / "curve.tsv", [], [])
             tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
             write_run_reference(args.out / "mlflow_run.json", tracker.run_id, tracker.incomplete())

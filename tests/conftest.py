@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 # One intra-op thread in this process and in the stages and workers the tests start (they inherit
@@ -84,6 +87,35 @@ def copy_repo(dest: Path) -> Path:
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(root: Path, port: int, **env) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on 127.0.0.1:port with its store under root (a restart finds its runs again), in its
+    own process group (stopped with its workers); returns (process, URI) once /health answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        # without the job runner (two huey consumers, 0.5 GB: GenAI judges this project never asks for)
+        env=run_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **env), stdout=open(root / "server.log", "a"),
+        stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    proc.wait()
+    raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The check stage bounds what a run asks of the machine (issue 22's harmful params): each refused
-naming its key, in one check process whose peak memory stays under 1 GB (no value is expanded,
-allocated or run before it is refused). Figures by hand in docs/reliability.md."""
+naming its key, in one check process whose memory grows by less than 128 MB over what the check of
+valid params takes (no value is expanded, allocated or run before it is refused). That first check's
+peak (torch's imports above all) is a fixed cost that depends on the machine: 0.73 GB here, more on
+others. Figures by hand in docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -32,33 +34,33 @@ HARMFUL = [
 ]
 
 # Runs the check's two steps (load_config, environment_problems) on each params file given, in one
-# process, and reports what each said and the process's peak RSS.
+# process, and reports what each said and the process's peak RSS after each file; the first file is valid.
 PROBE = """
 import json, resource, sys
 from dddm.config import ConfigError, load_config
 from pipeline.check import environment_problems
-out = {}
+peak_kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {"after_kb": {}}
 for path in sys.argv[1:]:
     try:
         out[path] = "\\n".join(environment_problems(load_config(path)))
     except ConfigError as e:
         out[path] = str(e)
-out["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out["after_kb"][path] = peak_kb()
 print(json.dumps(out))
 """
 
 
-def test_each_harmful_param_is_refused_naming_its_key_within_1_gb(tmp_path):
+def test_each_harmful_param_is_refused_naming_its_key_without_allocating(tmp_path):
     if os.cpu_count() >= 1000:
         pytest.skip("a machine with 1000 CPUs may run 1000 processes")
-    files = {}
+    files = {"valid": tmp_path / "valid.yaml"}
+    files["valid"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     for case, overrides, _ in HARMFUL:
         files[case] = tmp_path / f"{case.replace(' ', '_')}.yaml"
         files[case].write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
     files["alias bomb"] = tmp_path / "bomb.yaml"
     files["alias bomb"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False) + ALIAS_BOMB)
-    files["valid"] = tmp_path / "valid.yaml"
-    files["valid"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     done = subprocess.run([sys.executable, "-c", PROBE, *map(str, files.values())], cwd=tmp_path,
                           env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -67,7 +69,8 @@ def test_each_harmful_param_is_refused_naming_its_key_within_1_gb(tmp_path):
     for case, _, key in HARMFUL:
         assert re.search(rf"(^|\n|\.yaml: ){re.escape(key)}: ", said[str(files[case])]), (case, said[str(files[case])])
     assert re.search(r"bomb\.yaml: line \d+: YAML anchors and aliases", said[str(files["alias bomb"])])
-    assert said["maxrss_kb"] < 2**20, f"peak RSS {said['maxrss_kb']} kB"
+    peaks = list(said["after_kb"].values())
+    assert max(peaks) - peaks[0] < 128 * 1024, f"peak RSS (kB) after each file: {said['after_kb']}"
 
 
 def test_limits_ignore_turns_the_estimates_off_but_not_the_exact_checks(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_env, tiny_params
+from conftest import ROOT, free_port, run_env, tiny_params
 from dddm.data import prepare_dataset
 
 LAUNCH = [sys.executable, "-m", "pipeline.launch", "pipeline.train", "--method", "udddm",
@@ -30,12 +30,6 @@ def shared(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.MlflowClient(uri).search_experiments()
     return root, uri
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def params(tmp_path: Path, name: str, nproc: int, nnodes: int, timeout: int = 60) -> Path:

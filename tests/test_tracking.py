@@ -5,52 +5,21 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import run_env, tiny_params, write_params
+from conftest import free_port, run_env, start_mlflow_server, tiny_params, write_params
 from dddm.checkpoint import load_model
-from dddm.distributed import torchrun_command
 from dddm.pixels import image_grid
 from dddm.tracking import flatten
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root, port: int) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on 127.0.0.1:port with its store under root (a restart finds its runs again)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        env=run_env(), stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own group: the server and its workers killed together
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        kill_server(proc)
-        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
-    return proc, uri
 
 
 def kill_server(proc: subprocess.Popen) -> None:
@@ -70,27 +39,26 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def stage_command(repo, name, nproc=None) -> list[str]:
-    """A stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC."""
+def stage_command(repo, name) -> list[str]:
+    """A stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC; the train
+    stage's launcher starts params.yaml's train.nproc workers."""
     from flows.dvcrun import expanded_stages
 
     declared = expanded_stages(repo)[name]["cmd"].split()
     module = declared.index("-m")
-    args = declared[module + 1:]
-    return [*torchrun_command(nproc), "-m", *args] if nproc else [sys.executable, "-m", *args]
+    return [sys.executable, "-m", *declared[module + 1:]]
 
 
-def stage(repo, name, uri, nproc=None):
-    return subprocess.run(stage_command(repo, name, nproc), cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
+def stage(repo, name, uri):
+    return subprocess.run(stage_command(repo, name), cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
                           capture_output=True, text=True, timeout=600)
 
 
 def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
-    params = tiny_params(train={"epochs": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
+    params = tiny_params(train={"epochs": 2, "nproc": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
     write_params(repo_copy, params)
-    for name, nproc in (("prepare", None), ("classifier", None), ("reference", None), ("train@udddm", 2),
-                        ("sample@udddm", None), ("score@udddm", None)):
-        result = stage(repo_copy, name, mlflow_server, nproc)
+    for name in ("prepare", "classifier", "reference", "train@udddm", "sample@udddm", "score@udddm"):
+        result = stage(repo_copy, name, mlflow_server)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Pickle" not in result.stderr, name  # MLflow's warning for pickled models
 
@@ -102,9 +70,11 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == "test-exp"  # opened as model training in the UI, not in the GenAI layout:
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    logged = {k: v for k, v in params.items() if k not in ("methods", "method")} | \
+    # params.yaml with this method's section, as validated (max_hours a float); `finetune` only for a fine-tuned method
+    logged = {k: v for k, v in params.items() if k not in ("methods", "method", "finetune")} | \
         {"method": {"udddm": params["method"]["udddm"]}}
-    assert run.data.params == flatten(json.loads(json.dumps(logged)))  # params.yaml with this method's section
+    logged["limits"]["max_hours"] = float(logged["limits"]["max_hours"])
+    assert run.data.params == flatten(json.loads(json.dumps(logged)))
     assert run.data.tags["method"] == "udddm"
     tags = run.data.tags
     assert tags["world_size"] == "2" and tags["device"] == "cpu" and tags["store_backend"] == "DeviceStore"

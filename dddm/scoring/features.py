@@ -71,8 +71,8 @@ def extract_features(images: np.ndarray | torch.Tensor,
     with torch.inference_mode(), progress_bar(n, desc, unit="img", disable=not progress) as bar:
         for i in range(0, n, batch_size):
             chunk = images[i:i + batch_size]
-            batch = convert(torch.as_tensor(np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray)
-                                            else chunk))
+            # a copy of the batch: `images` may be a read-only memory map (PreparedDataset.stored_images)
+            batch = convert(torch.as_tensor(np.array(chunk) if isinstance(chunk, np.ndarray) else chunk))
             if rgb and batch.shape[1] == 1:
                 batch = batch.repeat(1, 3, 1, 1)
             out = features(batch.to(device))

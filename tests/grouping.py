@@ -10,8 +10,8 @@ import pytest
 SPREAD_MODULES = {"test_training.py"}
 # The longest modules are handed out first, so that no worker starts one near the end while the other
 # idles; the spread modules' single tests fill in last. Measured with `--durations=0` under make test:
-# test_pipeline about 6 minutes, test_flows 3.5, test_tracking 1.5; test_workers 9.4 and test_multinode 6 on
-# their own (9.4 and 8.2 in a later run) while other jobs loaded the machine to 10-20 (not measured under make test).
+# on 2026-12-03 (13 min 40 s in all) test_pipeline 6.6 minutes, test_flows 4.7, test_workers 3.1, test_tracking 3.1,
+# test_multinode 2.0 (at least: the 60 longest durations summed per module).
 LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py"]
 
 

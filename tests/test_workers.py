@@ -2,9 +2,9 @@
 started in two more clones of the repository, real Prefect and MLflow servers on 127.0.0.1, a shared-directory
 DVC remote and a bare git repository as the remotes every clone reaches."""
 
+import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -13,6 +13,14 @@ from test_flows import QUIET, mlflow_server, prefect_client, prefect_server, sta
 
 pytestmark = pytest.mark.slow
 POINTS = [{"method.udddm.metric": "l2"}, {"method.udddm.metric": "pseudo_huber"}]
+# the sweep flow as a user starts it in their clone (the points go to the pool's workers); prints its final state
+SWEEP = """
+import json, sys
+from flows.sweep import sweep
+state = sweep(points=json.loads(sys.argv[1]), concurrency=2, deployment="udddm-experiment/pool", registry=False,
+              repo=".", return_state=True)
+print(state.type.value)
+"""
 
 
 def sh(cmd, cwd, env=None) -> str:
@@ -21,10 +29,10 @@ def sh(cmd, cwd, env=None) -> str:
     return result.stdout
 
 
-def test_two_workers_in_other_clones_run_two_points_at_once_into_the_shared_servers_and_remotes(
+def test_a_sweep_across_the_pool_runs_two_points_at_once_on_workers_in_other_clones_into_the_shared_servers(
         tmp_path, prefect_server, mlflow_server):
     from mlflow.tracking import MlflowClient
-    from prefect.deployments import run_deployment
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
     here = copy_repo(tmp_path / "a")  # the clone that deploys and triggers
@@ -50,38 +58,38 @@ def test_two_workers_in_other_clones_run_two_points_at_once_into_the_shared_serv
             workers.append(start([sys.executable, "-m", "prefect", "worker", "start", "--pool", "udddm", "--limit", "1",
                                   "--name", f"worker-{name}"], tmp_path / f"worker-{name}.log", cwd=clone,
                                  env=env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}))
-        with prefect_client(prefect_server) as client:
-            runs = [run_deployment("udddm-experiment/pool", client=client, parameters={"overrides": point},
-                                   timeout=0, as_subflow=False) for point in POINTS]
-            deadline = time.time() + 900
-            while not all(r.state and r.state.is_final() for r in runs):
-                assert time.time() < deadline, [r.state for r in runs]
-                time.sleep(3)
-                runs = [client.read_flow_run(r.id) for r in runs]
+        # the sweep, started here, runs each point as a flow run of the pool deployment, two at a time
+        swept = subprocess.run([sys.executable, "-c", SWEEP, json.dumps(POINTS)], cwd=here, env=env, capture_output=True,
+                               text=True, timeout=900)
         logs = "".join((tmp_path / f"worker-{n}.log").read_text()[-3000:] for n in "bc")
-        assert all(r.state.is_completed() for r in runs), [r.state for r in runs] + [logs]
+        assert swept.returncode == 0 and swept.stdout.split()[-1] == "COMPLETED", swept.stdout[-3000:] + \
+            swept.stderr[-3000:] + logs
+        with prefect_client(prefect_server) as client:
+            deployment = client.read_deployment_by_name("udddm-experiment/pool")
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
     finally:
         for worker in workers:
             stop(worker)
 
     # two points at once, one on each worker
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs), [r.state for r in runs]
     first, second = sorted(runs, key=lambda r: r.start_time)
     assert second.start_time < first.end_time, (first.start_time, first.end_time, second.start_time)
     took = [{r.name for r in runs if f"Flow run '{r.name}'" in (tmp_path / f"worker-{n}.log").read_text()}
             for n in "bc"]
     assert sorted(map(len, took)) == [1, 1] and took[0] != took[1], took
 
-    # both training runs in the shared MLflow server, tagged with the commit and the host
+    # both training runs in the shared MLflow server, tagged with the commit and the host, grouped under the sweep
     mlflow = MlflowClient(mlflow_server)
-    trained = [r for r in mlflow.search_runs([mlflow.get_experiment_by_name("udddm-digits").experiment_id])
-               if r.data.tags.get("method") == "udddm" and "mlflow.parentRunId" not in r.data.tags]
+    runs = mlflow.search_runs([mlflow.get_experiment_by_name("udddm-digits").experiment_id])
+    [parent] = [r.info.run_id for r in runs if r.data.tags.get("sweep")]
+    trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
     assert sorted(r.data.params["method.udddm.metric"] for r in trained) == ["l2", "pseudo_huber"]
     assert all(r.data.tags["mlflow.source.git.commit"] == commit and r.data.tags["host"] for r in trained)
 
-    # the first clone pulls an experiment a worker ran: its params, its model, from the shared remotes
-    names = sh([sys.executable, "-m", "dvc", "exp", "ls", "--name-only", "origin"], here).split()
+    # the sweep pulled both experiments the workers pushed; the first clone applies one: its params, its model
+    names = sh([sys.executable, "-m", "dvc", "exp", "ls", "--name-only"], here).split()
     assert len(names) == 2, names
-    sh([sys.executable, "-m", "dvc", "exp", "pull", "origin", names[0]], here)
     sh([sys.executable, "-m", "dvc", "exp", "apply", names[0]], here)
     assert (here / "out/train/udddm/model.pt").is_file() and (here / "out/score/udddm/metrics.json").is_file()
     assert "up to date" in sh([sys.executable, "-m", "dvc", "status"], here)

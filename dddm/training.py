@@ -256,7 +256,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                     f.write(json.dumps(row) + "\n")
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, global_step)
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{tc.epochs}", loss=f"{loss:.4f}", img_s=f"{row['img_per_s']:.0f}")
+            bar.set_postfix(epoch=f"{epoch + 1}/{total_steps // steps_per_epoch}", loss=f"{loss:.4f}",
+                            img_s=f"{row['img_per_s']:.0f}")
             end_of_epoch = global_step % steps_per_epoch == 0
             if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
                     (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps:

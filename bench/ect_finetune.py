@@ -1,0 +1,67 @@
+"""ECT fine-tuned from the EDM stage's model with params.yaml changed by overrides: its learning curve,
+then the final model's rows at each two-step mid t (docs/method-study.md's tables). Needs the outputs of
+`make repro` (out/train/edm/model.pt, data/prepared.arrow, data/classifier.pt and data/reference).
+
+    OMP_NUM_THREADS=1 python bench/ect_finetune.py lr4e4 '{"finetune": {"lr": 4e-4}}' --mid 0.821,1.2,2.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dddm.config import merge_params, parse_config  # noqa: E402
+from dddm.curves import LearningCurve  # noqa: E402
+from dddm.evaluation import evaluate_samples  # noqa: E402
+from dddm.finetune import load_initialisation  # noqa: E402
+from dddm.sampling import sample  # noqa: E402
+from dddm.training import train  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", help="the run's name: its directories are bench/out/ect-<name>-*")
+    ap.add_argument("overrides", help="params.yaml overrides as JSON")
+    ap.add_argument("--mid", default="0.821", help="comma-separated mid t of the two-step rows to score at the end")
+    args = ap.parse_args()
+    raw = merge_params(yaml.safe_load((ROOT / "params.yaml").read_text()), json.loads(args.overrides))
+    work = ROOT / "bench" / "out" / f"ect-{args.name}"
+    raw["train"]["checkpoint_dir"] = str(work / "checkpoints")
+    raw["finetune"]["init_from"] = str(ROOT / "out/train/edm/model.pt")
+    cfg = parse_config(raw)
+    method = cfg.make_method("ect")
+    info = json.loads((ROOT / "data/prepared.json").read_text())
+    shape = (info["channels"], info["image_size"], info["image_size"])
+    init = load_initialisation(cfg, method, info["image_size"], info["channels"])
+    curve = LearningCurve(method, shape, work / "run", ROOT / "data/classifier.pt", cfg.score,
+                          cfg.train.eval_samples, "cpu")
+    start = time.time()
+    result = train(cfg, "ect", ROOT / "data/prepared.arrow", work / "model", work / "run", progress=False,
+                   init=init, curve=curve)
+    print(f"{args.name}: {time.time() - start:.0f} s")
+    for row in curve.rows():
+        print(args.name, json.dumps(row))
+    net = result.ema.module.eval()
+    for mid in [float(m) for m in args.mid.split(",")]:
+        for steps in (1, 2):
+            if steps == 1 and mid != float(args.mid.split(",")[0]):
+                continue  # the one-step row does not depend on the mid t
+            sampler = cfg.sampler.ect.model_copy(update={"sigmas": (mid,)})
+            x = sample(cfg.make_method("ect", sampler, cfg.seed), net, cfg.sample.num_samples, shape, steps,
+                       cfg.sample.batch_size)
+            scores = evaluate_samples(x.numpy(), ROOT / "data/reference", ROOT / "data/classifier.pt", cfg.score,
+                                      "cpu", f"{steps}-step samples, mid t {mid}")
+            print(args.name, f"{steps}-step" + (f" mid t {mid}" if steps == 2 else ""),
+                  {k: round(scores[k], 3) for k in ("fid_classifier", "precision", "recall", "classes")})
+
+
+if __name__ == "__main__":
+    main()

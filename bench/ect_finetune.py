@@ -28,7 +28,7 @@ from dddm.training import train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="the run's name: its directories are bench/out/ect-<name>-*")
+    ap.add_argument("name", help="the run's name: its files go to bench/out/ect-<name>/")
     ap.add_argument("overrides", help="params.yaml overrides as JSON")
     ap.add_argument("--mid", default="0.821", help="comma-separated mid t of the two-step rows to score at the end")
     args = ap.parse_args()
@@ -50,18 +50,16 @@ def main() -> None:
     for row in curve.rows():
         print(args.name, json.dumps(row))
     net = result.ema.module.eval()
-    for mid in [float(m) for m in args.mid.split(",")]:
-        for steps in (1, 2):
-            if steps == 1 and mid != float(args.mid.split(",")[0]):
-                continue  # the one-step row does not depend on the mid t
-            sampler = cfg.sampler.ect.model_copy(update={"sigmas": (mid,)})
-            x = sample(cfg.make_method("ect", sampler, cfg.seed), net, cfg.sample.num_samples, shape, steps,
-                       cfg.sample.batch_size)
-            scores = evaluate_samples(x.numpy(), ROOT / "data/reference", ROOT / "data/classifier.pt", cfg.score,
-                                      "cpu", f"{steps}-step samples, mid t {mid}")
-            print(args.name, f"{steps}-step" + (f" mid t {mid}" if steps == 2 else ""),
-                  {k: round(scores[k], 3) for k in ("fid_classifier", "precision", "recall", "classes")})
-
+    mids = [float(m) for m in args.mid.split(",")]
+    # the one-step row does not depend on the mid t: scored once, then the two-step row at each mid t
+    for steps, mid in [(1, mids[0])] + [(2, m) for m in mids]:
+        sampler = cfg.sampler.ect.model_copy(update={"sigmas": (mid,)})
+        x = sample(cfg.make_method("ect", sampler, cfg.seed), net, cfg.sample.num_samples, shape, steps,
+                   cfg.sample.batch_size)
+        scores = evaluate_samples(x.numpy(), ROOT / "data/reference", ROOT / "data/classifier.pt", cfg.score,
+                                  "cpu", f"{steps}-step samples, mid t {mid}")
+        print(args.name, f"{steps}-step" + (f" mid t {mid}" if steps == 2 else ""),
+              {k: round(scores[k], 3) for k in ("fid_classifier", "precision", "recall", "classes")})
 
 if __name__ == "__main__":
     main()

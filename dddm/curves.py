@@ -34,8 +34,9 @@ def curve_steps(steps: tuple[int, ...]) -> list[int]:
     return [fewest] + ([2] if 2 in steps and fewest != 2 else [])
 
 
-def column(key: str, steps: int) -> str:
-    """A point's number for one followed row: `fid_classifier_1step` (read back by `read_tsv`)."""
+def column(key: str, steps: int | str) -> str:
+    """A point's number for one followed row: `fid_classifier_1step` (`read_tsv` matches it with a
+    pattern in place of `steps`)."""
     return f"{key}_{steps}step"
 
 
@@ -52,7 +53,8 @@ def read_tsv(path) -> tuple[list[int], list[dict]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
         points = [{k: float(v) for k, v in row.items()} for row in reader]
-    followed = [int(m[1]) for name in reader.fieldnames or () if (m := re.fullmatch(r"fid_classifier_(\d+)step", name))]
+    pattern = column("fid_classifier", r"(\d+)")
+    followed = [int(m[1]) for name in reader.fieldnames or () if (m := re.fullmatch(pattern, name))]
     return followed, points
 
 

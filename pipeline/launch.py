@@ -2,7 +2,8 @@
 
     python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train/udddm
 
-dvc.yaml runs it on the node that runs `dvc repro`. With `train.nnodes` > 1 every other node runs the same
+dvc.yaml runs it on the node that runs `dvc repro`. One process on one node (train.nproc 1, train.nnodes 1)
+needs no agent: the worker module runs in this process. With `train.nnodes` > 1 every other node runs the same
 command in its own checkout (README, "Running on a cluster"); their agents meet at `rendezvous.endpoint`
 (torchrun's c10d backend). With one node it is torchrun's loopback rendezvous (dddm/rendezvous.py).
 
@@ -19,6 +20,7 @@ import argparse  # noqa: E402
 import ipaddress  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import runpy  # noqa: E402
 import sys  # noqa: E402
 
 from .common import PARAMS  # noqa: E402
@@ -48,6 +50,12 @@ def main() -> None:
     except (ConfigError, ValueError) as e:
         sys.exit(f"train: invalid parameters\n{e}")
     tc, rdzv = cfg.train, cfg.rendezvous
+    if tc.nproc == 1 and tc.nnodes == 1:
+        # a world of one needs no agent: the worker runs here (a second interpreter importing torch and
+        # torchrun's rendezvous cost about 3 s of a stage), as plain `python -m pipeline.train` would
+        sys.argv = [args.module, "--method", args.method, *args.worker_args]
+        runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        return
     # the method in the id: each method's stage is its own rendezvous, so a node that starts the next
     # method's launcher early never joins the previous one's closing round
     options = torchrun_args(tc.nproc, tc.nnodes, rdzv.endpoint, f"{rdzv.id}-{args.method}", rdzv.timeout)

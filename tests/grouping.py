@@ -9,10 +9,13 @@ import pytest
 
 SPREAD_MODULES = {"test_training.py"}
 # The longest modules are handed out first, so that no worker starts one near the end while the other
-# idles; the spread modules' single tests fill in last. Measured with `--durations=0` under make test:
-# on 2026-12-03 (13 min 40 s in all) test_pipeline 6.6 minutes, test_flows 4.7, test_workers 3.1, test_tracking 3.1,
-# test_multinode 2.0 (at least: the 60 longest durations summed per module).
-LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py"]
+# idles; the spread modules' single tests fill in last (test_training.py lists its longest first).
+# Measured under make test on 2026-12-03 (a 2-core AMD EPYC, 18 min 17 s in all; each test's time from
+# the worker's previous test to its own end): test_pipeline 7.8 minutes, test_flows 5.8, test_workers 4.0,
+# test_tracking 3.5, test_performance 2.8 (torch.compile with an empty inductor cache, as on a fresh
+# machine: 2 min alone, 13 s once cached), test_multinode 2.5, test_experiment_lock 0.8.
+LONGEST_FIRST = ["test_pipeline.py", "test_flows.py", "test_workers.py", "test_tracking.py", "test_performance.py",
+                 "test_multinode.py", "test_experiment_lock.py"]
 
 
 def handed_out(item) -> int:

@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_an_experiment_is_refused_while_dvc_repro_runs_and_the_lock_stays_true(repo_copy):
-    write_params(repo_copy, tiny_params(methods=["edm"], finetune={"methods": []}, train={"epochs": 12, "batch_size": 64}))
+    # 4 epochs of 29 steps: the experiment is tried (in 0.2 s) while the train stage runs; no learning curve
+    write_params(repo_copy, tiny_params(methods=["edm"], finetune={"methods": []},
+                                        train={"epochs": 4, "batch_size": 64, "eval_every": 0}))
     repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo_copy, env=run_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     try:

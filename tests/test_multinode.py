@@ -37,7 +37,7 @@ def params(tmp_path: Path, name: str, nproc: int, nnodes: int, timeout: int = 60
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tiny_params(
         train={"epochs": 4, "batch_size": 128, "nproc": nproc, "nnodes": nnodes, "checkpoint_every": 5,
-               "checkpoint_dir": str(tmp_path / name / "checkpoints")},
+               "checkpoint_dir": str(tmp_path / name / "checkpoints"), "eval_every": 0},  # curves: test_finetune
         rendezvous={"endpoint": f"127.0.0.1:{free_port()}", "id": name, "timeout": timeout},
         tracking={"experiment": name})))
     return path

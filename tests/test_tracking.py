@@ -206,7 +206,7 @@ def test_a_tracking_server_killed_mid_run_does_not_stop_training(repo_copy, tmp_
     """The issue's trial: the server killed with kill -9 while the train stage runs (and not restarted).
     Training finishes with its outputs; one warning when the tracking fails, one naming what the run
     lacks; mlflow_run.json says so."""
-    write_params(repo_copy, tiny_params(train={"epochs": 8, "batch_size": 64},
+    write_params(repo_copy, tiny_params(train={"epochs": 8, "batch_size": 64, "eval_every": 0},
                                         tracking={"experiment": "dies", "grid_every_epochs": 1}))
     assert stage(repo_copy, "prepare", "").returncode == 0
     server, uri = start_mlflow_server(tmp_path, free_port())

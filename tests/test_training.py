@@ -52,50 +52,6 @@ def run_worker(params_file, prepared, out, run_dir, nproc=1, **popen):
     return result
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, prepared):
-    params = tiny_params(train={"epochs": 2, "batch_size": 128, "checkpoint_dir": str(tmp_path / "ck")})
-    run_worker(write(tmp_path, params), prepared, tmp_path / "out", tmp_path / "run", nproc=2)
-    r0 = torch.load(tmp_path / "out" / "final-rank0.pt")
-    r1 = torch.load(tmp_path / "out" / "final-rank1.pt")
-    for name in r0["net"]:
-        assert torch.equal(r0["net"][name], r1["net"][name]), name
-
-    # The same global batches in one process: DDP averages the two ranks' mean gradients.
-    cfg = parse_config(params)
-    from dddm.data import PreparedDataset
-    data = PreparedDataset(prepared)
-    torch.manual_seed(cfg.seed)
-    method = cfg.make_method("udddm")
-    net = build_network(cfg.model, 8, 1, method.conditioning)
-    init = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
-    from dddm.store import initial_estimates
-    estimates = initial_estimates(torch.arange(len(data)), (1, 8, 8), cfg.seed)
-    shards = [owned_indices(len(data), r, 2) for r in range(2)]
-    steps = -(-len(shards[0]) // cfg.train.batch_size)
-    for epoch in range(cfg.train.epochs):
-        previous = estimates.clone()  # reads see the estimates as of the epoch start
-        per_rank = [epoch_batches(shards[r], cfg.seed, epoch, r, steps) for r in range(2)]
-        for k in range(steps):
-            opt.zero_grad()
-            for r in range(2):
-                idx = per_rank[r][k]
-                out = method.loss(net, data.images(idx), idx, Progress(epoch, epoch * steps + k, 0), previous[idx])
-                (out.total / 2).backward()
-                estimates[idx] = out.new_estimates
-            opt.step()
-    # Adam turns float-rounding noise in near-zero gradients into full-size steps for a few
-    # weights, so compare the whole update: DDP's and the reference's must agree to 1%, where
-    # different batches would disagree by the order of the update itself.
-    ref = torch.cat([p.detach().flatten() for p in net.parameters()])
-    ddp = torch.cat([r0["net"][name].flatten() for name, _ in net.named_parameters()])
-    assert (ddp - ref).norm() < 0.01 * (ref - init).norm(), ((ddp - ref).norm(), (ref - init).norm())
-    both = torch.cat([r0["estimates"], r1["estimates"]])
-    order = torch.cat(shards)
-    assert torch.allclose(both, estimates[order], atol=1e-4)
-
-
 def final_state(run_dir: Path, out: Path, nproc: int) -> dict:
     ckpt = checkpoint.latest(run_dir)
     shared = torch.load(ckpt / "train_state.pt", weights_only=True)
@@ -137,7 +93,7 @@ def kill_in_a_checkpoint_write(proc, run_dir: Path, steps_done) -> bool:
 
 @pytest.mark.slow
 # each store policy once; the spilled (arrow) store with two ranks, each rank's own file killed mid-write
-@pytest.mark.parametrize("policy, nproc", [("device", 1), ("arrow", 2)])
+@pytest.mark.parametrize("policy, nproc", [("arrow", 2), ("device", 1)])  # the longer first
 def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_identical(tmp_path, prepared,
                                                                                       policy, nproc):
     """Three kills per run: at a random step, while a checkpoint directory is being written, at another
@@ -184,6 +140,50 @@ def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_iden
             assert torch.equal(a[part][name], b[part][name]), (part, name)
     for rank in range(nproc):
         assert torch.equal(a["estimates"][rank], b["estimates"][rank]), rank
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_each_other_and_a_single_process(tmp_path, prepared):
+    params = tiny_params(train={"epochs": 2, "batch_size": 128, "checkpoint_dir": str(tmp_path / "ck")})
+    run_worker(write(tmp_path, params), prepared, tmp_path / "out", tmp_path / "run", nproc=2)
+    r0 = torch.load(tmp_path / "out" / "final-rank0.pt")
+    r1 = torch.load(tmp_path / "out" / "final-rank1.pt")
+    for name in r0["net"]:
+        assert torch.equal(r0["net"][name], r1["net"][name]), name
+
+    # The same global batches in one process: DDP averages the two ranks' mean gradients.
+    cfg = parse_config(params)
+    from dddm.data import PreparedDataset
+    data = PreparedDataset(prepared)
+    torch.manual_seed(cfg.seed)
+    method = cfg.make_method("udddm")
+    net = build_network(cfg.model, 8, 1, method.conditioning)
+    init = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr)
+    from dddm.store import initial_estimates
+    estimates = initial_estimates(torch.arange(len(data)), (1, 8, 8), cfg.seed)
+    shards = [owned_indices(len(data), r, 2) for r in range(2)]
+    steps = -(-len(shards[0]) // cfg.train.batch_size)
+    for epoch in range(cfg.train.epochs):
+        previous = estimates.clone()  # reads see the estimates as of the epoch start
+        per_rank = [epoch_batches(shards[r], cfg.seed, epoch, r, steps) for r in range(2)]
+        for k in range(steps):
+            opt.zero_grad()
+            for r in range(2):
+                idx = per_rank[r][k]
+                out = method.loss(net, data.images(idx), idx, Progress(epoch, epoch * steps + k, 0), previous[idx])
+                (out.total / 2).backward()
+                estimates[idx] = out.new_estimates
+            opt.step()
+    # Adam turns float-rounding noise in near-zero gradients into full-size steps for a few
+    # weights, so compare the whole update: DDP's and the reference's must agree to 1%, where
+    # different batches would disagree by the order of the update itself.
+    ref = torch.cat([p.detach().flatten() for p in net.parameters()])
+    ddp = torch.cat([r0["net"][name].flatten() for name, _ in net.named_parameters()])
+    assert (ddp - ref).norm() < 0.01 * (ref - init).norm(), ((ddp - ref).norm(), (ref - init).norm())
+    both = torch.cat([r0["estimates"], r1["estimates"]])
+    order = torch.cat(shards)
+    assert torch.allclose(both, estimates[order], atol=1e-4)
 
 
 @pytest.mark.slow

@@ -1,8 +1,11 @@
-"""ECT fine-tuned from the EDM stage's model with params.yaml changed by overrides: its learning curve,
-then the final model's rows at each two-step mid t (docs/method-study.md's tables). Needs the outputs of
-`make repro` (out/train/edm/model.pt, data/prepared.arrow, data/classifier.pt and data/reference).
+"""One method trained with params.yaml changed by overrides, as its train stage trains it (fine-tuned from
+the EDM stage's model where finetune.methods lists it): its learning curve, then for ECT the final model's
+rows at each two-step mid t (docs/method-study.md's tables). Needs the outputs of `make repro`
+(out/train/edm/model.pt, data/prepared.arrow, data/classifier.pt and data/reference).
 
-    OMP_NUM_THREADS=1 python bench/ect_finetune.py lr4e4 '{"finetune": {"lr": 4e-4}}' --mid 0.821,1.2,2.0
+    OMP_NUM_THREADS=1 python bench/learning_curve.py ect lr4e4 '{"finetune": {"lr": 4e-4}}' --mid 0.821,1.2,2.0
+    OMP_NUM_THREADS=1 python bench/learning_curve.py udddm data4x \
+        '{"train": {"epochs": 240}, "method": {"udddm": {"estimates_from": "data"}}}'
 """
 
 from __future__ import annotations
@@ -28,27 +31,33 @@ from dddm.training import train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", help="the run's name: its files go to bench/out/ect-<name>/")
+    ap.add_argument("method", help="a method of params.yaml: udddm, ict, edm or ect")
+    ap.add_argument("name", help="the run's name: its files go to bench/out/<method>-<name>/")
     ap.add_argument("overrides", help="params.yaml overrides as JSON")
-    ap.add_argument("--mid", default="0.821", help="comma-separated mid t of the two-step rows to score at the end")
+    ap.add_argument("--mid", help="ECT: comma-separated mid t of the two-step rows to score at the end")
     args = ap.parse_args()
+    if args.mid and args.method != "ect":
+        ap.error("--mid: only ECT's two-step sampler has a mid t")
     raw = merge_params(yaml.safe_load((ROOT / "params.yaml").read_text()), json.loads(args.overrides))
-    work = ROOT / "bench" / "out" / f"ect-{args.name}"
+    work = ROOT / "bench" / "out" / f"{args.method}-{args.name}"
     raw["train"]["checkpoint_dir"] = str(work / "checkpoints")
     raw["finetune"]["init_from"] = str(ROOT / "out/train/edm/model.pt")
     cfg = parse_config(raw)
-    method = cfg.make_method("ect")
+    method = cfg.make_method(args.method)
     info = json.loads((ROOT / "data/prepared.json").read_text())
     shape = (info["channels"], info["image_size"], info["image_size"])
-    init = load_initialisation(cfg, method, info["image_size"], info["channels"])
+    init = (load_initialisation(cfg, method, info["image_size"], info["channels"]) if cfg.finetuned(args.method)
+            else None)
     curve = LearningCurve(method, shape, work / "run", ROOT / "data/classifier.pt", cfg.score,
                           cfg.train.eval_samples, "cpu")
     start = time.time()
-    result = train(cfg, "ect", ROOT / "data/prepared.arrow", work / "model", work / "run", progress=False,
+    result = train(cfg, args.method, ROOT / "data/prepared.arrow", work / "model", work / "run", progress=False,
                    init=init, curve=curve)
     print(f"{args.name}: {time.time() - start:.0f} s")
     for row in curve.rows():
         print(args.name, json.dumps(row))
+    if not args.mid:
+        return
     net = result.ema.module.eval()
     mids = [float(m) for m in args.mid.split(",")]
     # the one-step row does not depend on the mid t: scored once, then the two-step row at each mid t

@@ -1,6 +1,6 @@
 """One method trained with params.yaml changed by overrides, as its train stage trains it (fine-tuned from
-the EDM stage's model where finetune.methods lists it): its learning curve, then for ECT the final model's
-rows at each two-step mid t (docs/method-study.md's tables). Needs the outputs of `make repro`
+the EDM stage's model where finetune.methods lists it): its learning curve, then for ECT with --mid the final
+model's rows at each two-step mid t (docs/method-study.md's tables). Needs the outputs of `make repro`
 (out/train/edm/model.pt, data/prepared.arrow, data/classifier.pt and data/reference).
 
     OMP_NUM_THREADS=1 python bench/learning_curve.py ect lr4e4 '{"finetune": {"lr": 4e-4}}' --mid 0.821,1.2,2.0
@@ -25,13 +25,14 @@ from dddm.config import merge_params, parse_config  # noqa: E402
 from dddm.curves import LearningCurve  # noqa: E402
 from dddm.evaluation import evaluate_samples  # noqa: E402
 from dddm.finetune import load_initialisation  # noqa: E402
+from dddm.methods import METHODS  # noqa: E402
 from dddm.sampling import sample  # noqa: E402
 from dddm.training import train  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("method", help="a method of params.yaml: udddm, ict, edm or ect")
+    ap.add_argument("method", choices=METHODS, help="the method to train")
     ap.add_argument("name", help="the run's name: its files go to bench/out/<method>-<name>/")
     ap.add_argument("overrides", help="params.yaml overrides as JSON")
     ap.add_argument("--mid", help="ECT: comma-separated mid t of the two-step rows to score at the end")

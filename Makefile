@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	$(BIN)/python -m pip check
+	$(BIN)/python -m pipeline.plots --template  # .dvc/config's plots.html_template: charts drawn offline
 	touch $@
 
 repro: $(STAMP)

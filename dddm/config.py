@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, PositiveInt, ValidationError, field_validator
@@ -64,6 +64,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"]
     nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
     nnodes: int = Field(ge=1)  # machines; above 1 torchrun meets the others through `rendezvous`
+    # intra-op threads per process (part of a run's identity: CPU sums depend on it); auto: dddm.distributed
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)]
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
     checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
     keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones

@@ -5,10 +5,12 @@ A plain `python` launch (no torchrun environment) is a world of one with no proc
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from dataclasses import dataclass
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -37,6 +39,39 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 
 
 LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def processes_per_machine(tc, endpoint: str | None) -> int:
+    """The training processes that share this machine's cores: `train.nproc`, or every node's when all the
+    nodes are this machine (a rendezvous on loopback: a rehearsal, the tests)."""
+    rehearsal = tc.nnodes > 1 and endpoint is not None and is_loopback(endpoint.rpartition(":")[0])
+    return tc.nproc * (tc.nnodes if rehearsal else 1)
+
+
+def threads_per_process(setting: int | str, processes: int = 1) -> int:
+    """`train.threads` as a number. CPU kernels sum in an order that depends on the thread count, so the count
+    is part of what a run is (its identity): `auto` is OMP_NUM_THREADS where set, else this machine's
+    physical cores (those this process may use) shared by its `processes`."""
+    if setting != "auto":
+        return int(setting)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    usable = len(os.sched_getaffinity(0))
+    cores = min(usable, psutil.cpu_count(logical=False) or usable)
+    return max(1, cores // processes)
+
+
+def use_threads(threads: int) -> None:
+    """This process's intra-op threads, and its children's (torchrun's workers read OMP_NUM_THREADS)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def torchrun_args(nproc: int, nnodes: int = 1, endpoint: str | None = None, run_id: str = "dddm",

@@ -67,12 +67,13 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
 def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisation | None = None) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration, dataset
     and initialisation (the weights it starts from), so `resume: auto` never continues a run of other
-    parameters. The world size counts, not how it is split into nodes and processes: 2 nodes x 4 continue
-    what 1 x 8 began (the same ranks and batches)."""
+    parameters. The world size and the threads per process count, not how the world is split into nodes and
+    processes: 2 nodes x 4 continue what 1 x 8 began (the same ranks, batches and sums)."""
     identity = checkpoint.training_identity(cfg, method)
     for key in ("nproc", "nnodes"):
         identity["train"].pop(key)
     identity["train"]["world_size"] = cfg.train.world_size
+    identity["train"]["threads"] = torch.get_num_threads()  # what this process sums with, not the setting
     if init is not None:
         identity["finetune"]["init_weights_sha256"] = init.weights_sha256
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]

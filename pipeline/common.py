@@ -40,4 +40,8 @@ def start(stage: str, doc: str | None = None, *, per_method: bool = False,
             cfg.method_config(args.method)
     except (ConfigError, ValueError) as e:
         sys.exit(f"{stage}: invalid parameters\n{e}")
+    from dddm.distributed import threads_per_process, use_threads
+
+    # set, not left to torch: results depend on it (the train launcher has set OMP_NUM_THREADS for its workers)
+    use_threads(threads_per_process(cfg.train.threads))
     return cfg, args

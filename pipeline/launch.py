@@ -3,8 +3,9 @@
     python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train/udddm
 
 dvc.yaml runs it on the node that runs `dvc repro`. One process on one node (train.nproc 1, train.nnodes 1)
-needs no agent: the worker module runs in this process. With `train.nnodes` > 1 every other node runs the same
-command in its own checkout (README, "Running on a cluster"); their agents meet at `rendezvous.endpoint`
+needs no agent: the worker module runs in this process. With `train.nnodes` > 1 every other node runs
+`python -m pipeline.follow`, which runs this command for each train stage node 0 runs (README, "Running on a
+cluster"); their agents meet at `rendezvous.endpoint`
 (torchrun's c10d backend). With one node it is torchrun's loopback rendezvous (dddm/rendezvous.py).
 
 No param reaches a shell: the validated values go to torchrun as a list of arguments. Run by DVC, the
@@ -17,20 +18,12 @@ from dddm.lifeline import stop_with_stage
 stop_with_stage()  # before the imports below (torch: seconds), so a stage stopped meanwhile leaves nothing
 
 import argparse  # noqa: E402
-import ipaddress  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import runpy  # noqa: E402
 import sys  # noqa: E402
 
 from .common import PARAMS  # noqa: E402
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def main() -> None:
@@ -42,7 +35,7 @@ def main() -> None:
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
     from dddm.config import ConfigError, load_config  # torch, through the methods' registry
-    from dddm.distributed import torchrun_args
+    from dddm.distributed import is_loopback, processes_per_machine, threads_per_process, torchrun_args, use_threads
 
     try:
         cfg = load_config(PARAMS)
@@ -50,6 +43,9 @@ def main() -> None:
     except (ConfigError, ValueError) as e:
         sys.exit(f"train: invalid parameters\n{e}")
     tc, rdzv = cfg.train, cfg.rendezvous
+    # every worker's thread count, through OMP_NUM_THREADS (torchrun would set 1 only with several processes
+    # per node, so 2 nodes x 1 and 1 x 2 summed in other orders): the same for every split of the machine
+    use_threads(threads_per_process(tc.threads, processes_per_machine(tc, rdzv.endpoint)))
     if tc.nproc == 1 and tc.nnodes == 1:
         # a world of one needs no agent: the worker runs here (a second interpreter importing torch and
         # torchrun's rendezvous cost about 3 s of a stage), as plain `python -m pipeline.train` would
@@ -74,9 +70,10 @@ def main() -> None:
         run(parse_args([*options, "-m", args.module, "--method", args.method, *args.worker_args]))
     except RendezvousError as e:
         sys.exit(f"train: the rendezvous at {rdzv.endpoint} (rendezvous.endpoint) failed: "
-                 f"{type(e).__name__}: {e}\nEach of the train.nnodes={tc.nnodes} nodes runs `python -m pipeline.launch "
-                 f"{args.module} --method {args.method} {' '.join(args.worker_args)}` with the same params.yaml, "
-                 f"within rendezvous.timeout={rdzv.timeout} s of the first, and reaches {rdzv.endpoint}")
+                 f"{type(e).__name__}: {e}\nNode 0 runs `dvc repro` and each other of the train.nnodes={tc.nnodes} "
+                 f"nodes `python -m pipeline.follow` (which runs this launcher for every train stage node 0 runs), "
+                 f"with the same params.yaml, within rendezvous.timeout={rdzv.timeout} s of each other, reaching "
+                 f"{rdzv.endpoint}")
 
 
 if __name__ == "__main__":

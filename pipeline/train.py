@@ -22,6 +22,8 @@ from .common import start  # noqa: E402
 def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init):
     """Rank 0's MLflow run (a dddm.tracking.MlflowTracker); a resumed training run keeps logging into the
     run it started."""
+    import torch
+
     from dddm import checkpoint
     from dddm.tracking import MlflowTracker, ema_grid_sampler, write_run_reference
 
@@ -30,6 +32,7 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init)
     shape = (info.channels, info.image_size, info.image_size)
     params = cfg.model_dump(mode="json", exclude={"method", "methods", "finetune"}) | \
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
+    params["train"]["threads"] = torch.get_num_threads()  # the number the run summed with (`auto` resolved)
     if init is not None:
         params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods"}) | {"init": init.describe()}
     process = getattr(cfg.method_config(method.name), "process", None)

@@ -74,15 +74,15 @@ def run_env(**extra) -> dict:
     return env
 
 
-def copy_repo(dest: Path) -> Path:
+def copy_repo(dest: Path, outputs: bool = False) -> Path:
     """The repository's source (tracked and untracked-but-not-ignored files, without stage
-    outputs a developer may have produced) in a fresh git repo at `dest`."""
+    outputs a developer may have produced, unless `outputs`) in a fresh git repo at `dest`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     for name in files:
         src = ROOT / name
         # the scoring classifier is kept in git (a fresh clone has it); other data/ and out/ files are outputs
-        if src.is_file() and (not name.startswith(("data/", "out/")) or name == "data/classifier.pt"):
+        if src.is_file() and (outputs or not name.startswith(("data/", "out/")) or name == "data/classifier.pt"):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)

@@ -1,5 +1,6 @@
-"""dvc.yaml is the one description of the stage graph: every project module a stage imports is among
-its deps, and every path its command reads or writes is a declared dep or output."""
+"""dvc.yaml is the one description of the stage graph: a stage's code deps are exactly the project modules
+it imports (a change elsewhere does not rerun it), and every path its command reads or writes is a declared
+dep or output."""
 
 import ast
 import re
@@ -62,13 +63,31 @@ def declared(entries) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
 
+def code_files(directory: Path) -> set[Path]:
+    return {p for p in directory.rglob("*.py") if not docstring_only(p)}
+
+
+def code_deps(modules: list[str]) -> list[str]:
+    """What a stage running `modules` depends on: the files they import, a directory where every module in
+    it is imported (dddm/methods: the params' schema imports every method)."""
+    files = set().union(*map(project_imports, modules))
+    whole = sorted({d for f in files for d in f.parents if ROOT in d.parents and d != ROOT / d.relative_to(ROOT).parts[0]
+                    and code_files(d) <= files}, key=lambda d: len(d.parts))
+    kept = [d for d in whole if not any(o in d.parents for o in whole)]
+    paths = kept + [f for f in files if not any(d in f.parents for d in kept)]
+    # the stage's own scripts first, as dvc.yaml lists them
+    return sorted((str(p.relative_to(ROOT)) for p in paths), key=lambda p: (not p.startswith("pipeline/"), p))
+
+
 @pytest.mark.parametrize("name, stage", stages(), ids=[n for n, _ in stages()])
-def test_every_imported_project_module_is_a_dependency(name, stage):
+def test_code_dependencies_are_what_the_stage_imports(name, stage):
     modules = re.findall(r"\bpipeline\.\w+", stage["cmd"])  # the stage's, and the worker module a launcher runs
-    deps = [ROOT / d for d in declared(stage["deps"])]
-    missing = [str(f.relative_to(ROOT)) for f in sorted(set().union(*map(project_imports, modules)))
-               if not any(f == d or d in f.parents for d in deps)]
-    assert not missing, f"stage {name} imports {missing} but does not depend on them"
+    code = [d for d in declared(stage["deps"]) if d.split("/")[0] in PACKAGES]
+    expected = code_deps(modules)
+    assert sorted(code) == sorted(expected), (
+        f"stage {name}: imports {sorted(set(expected) - set(code))} without depending on them, depends on "
+        f"{sorted(set(code) - set(expected))} without importing them; its code deps are:\n      - "
+        + "\n      - ".join(expected))
 
 
 @pytest.mark.parametrize("name, stage", stages(), ids=[n for n, _ in stages()])

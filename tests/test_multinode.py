@@ -2,6 +2,7 @@
 (`python -m pipeline.launch pipeline.train ...`, one per "node", 1 gloo process each) meet at a c10d
 rendezvous on 127.0.0.1; a kill -9 of one agent, the rerun, a node that never comes, bad params."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -44,10 +45,12 @@ def params(tmp_path: Path, name: str, nproc: int, nnodes: int, timeout: int = 60
 
 
 def launch(shared, params_file: Path, out: Path, log: Path) -> subprocess.Popen:
+    """An agent as a user starts it: without the suite's OMP_NUM_THREADS (train.threads: auto decides)."""
     root, uri = shared
+    env = run_env(DDDM_PARAMS=str(params_file), MLFLOW_TRACKING_URI=uri)
+    env.pop("OMP_NUM_THREADS")
     return subprocess.Popen([*LAUNCH, "--prepared", str(root / "prepared.arrow"), "--out", str(out)], cwd=ROOT,
-                            env=run_env(DDDM_PARAMS=str(params_file), MLFLOW_TRACKING_URI=uri),
-                            stdout=log.open("a"), stderr=subprocess.STDOUT)
+                            env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
 
 
 def finish(agents, logs, timeout=300) -> None:
@@ -95,9 +98,13 @@ def test_two_nodes_train_what_one_node_trains_and_a_kill_9_of_one_node_stops_bot
     assert "resumed from" in logs[0].read_text() + logs[1].read_text()
     assert weights_sha256(two) == weights_sha256(one)
     # global rank 0 alone logged: one MLflow run for the two nodes, continued by the rerun
-    runs = mlflow.MlflowClient(shared[1]).search_runs(
-        [mlflow.MlflowClient(shared[1]).get_experiment_by_name("two-nodes").experiment_id])
+    client = mlflow.MlflowClient(shared[1])
+    runs, (single,) = (client.search_runs([client.get_experiment_by_name(name).experiment_id])
+                       for name in ("two-nodes", "one-node"))
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2"
+    # the cores shared by the two processes on this machine, whichever way they are split
+    threads = str(max(1, min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False)) // 2))
+    assert runs[0].data.params["train.threads"] == single.data.params["train.threads"] == threads
     assert runs[0].data.tags["host"] == socket.gethostname() and len(runs[0].data.tags["mlflow.source.git.commit"]) == 40
 
 
@@ -110,7 +117,7 @@ def test_a_node_that_never_comes_ends_in_a_timeout_naming_the_endpoint(tmp_path,
     assert agent.wait(180) != 0  # the default join timeout would be 600 s
     text = log.read_text()
     assert f"train: the rendezvous at {endpoint} (rendezvous.endpoint) failed: RendezvousTimeoutError" in text, text
-    assert "Each of the train.nnodes=2 nodes runs `python -m pipeline.launch pipeline.train --method udddm" in text
+    assert "each other of the train.nnodes=2 nodes `python -m pipeline.follow`" in text
 
 
 def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launched(tmp_path):
@@ -146,3 +153,40 @@ def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path):
     dvc.wait(30)
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"still running 10 s after SIGTERM to dvc: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+@pytest.mark.slow
+def test_node_0_runs_dvc_repro_and_the_other_node_follows_with_one_command(tmp_path):
+    """The README's two commands: `dvc repro` on node 0, `python -m pipeline.follow` on the other, started at
+    once; the follower waits for node 0 to pass check/prepare/classifier, joins the train stage with dvc.yaml's
+    command, and a second follower finds nothing to run."""
+    from conftest import copy_repo, write_params
+
+    repo = copy_repo(tmp_path / "repo")
+    write_params(repo, tiny_params(
+        methods=["udddm"], finetune={"methods": []}, score={"untrained_baseline": False},
+        train={"epochs": 2, "batch_size": 128, "nnodes": 2, "eval_every": 0},
+        rendezvous={"endpoint": f"127.0.0.1:{free_port()}", "id": "follow", "timeout": 120}))
+    env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.pop("OMP_NUM_THREADS")
+    follower = subprocess.Popen([sys.executable, "-m", "pipeline.follow"], cwd=repo, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    node0 = subprocess.run([sys.executable, "-m", "dvc", "repro", "train@udddm"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=600)
+    followed = follower.communicate(timeout=120)[0]
+    assert node0.returncode == 0, node0.stdout[-3000:] + node0.stderr[-3000:] + followed[-3000:]
+    assert follower.returncode == 0, followed[-3000:]
+    assert "follow: train@udddm: joining node 0: python -m pipeline.launch pipeline.train --method udddm" in followed
+    assert "follow: done, 1 of 1 train stages run here" in followed
+    assert torch.load(repo / "out/train/udddm/model.pt", weights_only=True)["dataset"]["num_samples"] == 1797
+
+    again = subprocess.run([sys.executable, "-m", "pipeline.follow"], cwd=repo, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and "follow: train@udddm: up to date, node 0 skips it" in again.stdout, again
+
+
+def test_the_follower_refuses_a_single_node_run(tmp_path):
+    pfile = params(tmp_path, "single", nproc=1, nnodes=1)
+    done = subprocess.run([sys.executable, "-m", "pipeline.follow"], cwd=ROOT, env=run_env(DDDM_PARAMS=str(pfile)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "follow: train.nnodes is 1" in done.stderr, done.stderr

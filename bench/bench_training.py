@@ -82,7 +82,7 @@ def main() -> None:
     from dddm.data import prepare_dataset
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    base["train"].update(epochs=args.epochs, checkpoint_every=0)
+    base["train"].update(epochs=args.epochs, checkpoint_every=0, eval_every=0)  # the worker passes no learning curve
     base["tracking"]["grid_every_epochs"] = 0
     load_config(ROOT / "params.yaml")  # the defaults are valid
     with tempfile.TemporaryDirectory() as tmp:

@@ -280,7 +280,7 @@ def save_model(path: Path, cfg, method: str, info, module: torch.nn.Module, imag
 
 
 # train.* keys that do not change the trained network
-NOT_TRAINING = ("resume", "device", "keep_checkpoints")
+NOT_TRAINING = ("resume", "device", "keep_checkpoints", "log_every")
 
 
 def training_identity(cfg, method: str) -> dict:

@@ -66,6 +66,7 @@ class TrainConfig(Section):
     nnodes: int = Field(ge=1)  # machines; above 1 torchrun meets the others through `rendezvous`
     # intra-op threads per process (part of a run's identity: CPU sums depend on it); auto: dddm.distributed
     threads: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)]
+    log_every: int = Field(ge=1)  # steps per read of the loss to the host (one device sync); also at epoch ends
     checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
     checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
     keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones

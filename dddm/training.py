@@ -101,14 +101,21 @@ def _truncate_history(path: Path, last_step: int) -> None:
 
 
 def write_history(history_path: Path, tsv_path: Path, terms: tuple[str, ...]) -> None:
-    """The per-step history as a TSV that `dvc plots` renders."""
-    fields = history_fields(terms)
+    """The per-step history as a TSV that `dvc plots` renders, without the wall times (throughput and phase
+    seconds: in history.jsonl and MLflow), which differ on every run: a rerun writes the same file."""
+    fields = tuple(f for f in history_fields(terms) if f != "img_per_s" and not f.startswith("time_"))
     tsv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(tsv_path, "w") as out:
         out.write("\t".join(fields) + "\n")
         for line in history_path.read_text().splitlines():
             row = json.loads(line)
             out.write("\t".join(str(row[k]) for k in fields) + "\n")
+
+
+def read_stats(window: list[torch.Tensor]) -> list[list[float]]:
+    """Each step's stats in `window`, summed over the ranks, on the host: the training loop's one
+    all-reduce and one wait for the device per train.log_every steps."""
+    return distributed.all_reduce_sum(torch.stack(window)).tolist()
 
 
 def curve_metrics(point: dict) -> dict:
@@ -201,6 +208,38 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     autocast = performance.bf16_autocast(world.device, tc.bf16, tc.cpu_bf16)
     bar = progress_bar(total_steps, f"train {method.name}", initial=global_step, unit="step",
                        disable=not (progress and world.is_main))
+    window: list[tuple[torch.Tensor, dict]] = []  # the steps not yet read: (stats on the device, host-side figures)
+
+    def read_window() -> None:
+        """Check and log the window's steps. A non-finite loss stops every rank (they read the same sums)
+        naming its step; its weights and store estimates may have been written, but no checkpoint holds
+        them: checkpoints are saved only after a read."""
+        start = time.perf_counter()
+        sums = read_stats([stats for stats, _ in window])
+        window[-1][1]["seconds"] += time.perf_counter() - start  # the wait for the device, on the step that waited
+        rows = []
+        for (_, host), (*means, images) in zip(window, sums):
+            loss, *terms = (v / world.world_size for v in means)
+            if not math.isfinite(loss):
+                break
+            rows.append({"step": host["step"], "epoch": host["epoch"], "loss": loss, **dict(zip(method.terms, terms)),
+                         "lr": host["lr"], "img_per_s": images / host["seconds"], "store_bytes": host["store_bytes"],
+                         **{f"time_{k}": v for k, v in host["times"].items()}})
+        if world.is_main:
+            with open(history_path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        for row in rows:
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        if len(rows) < len(window):
+            bad = window[len(rows)][1]
+            kept = f"the last good checkpoint {saved} is kept" if saved else \
+                f"no checkpoint was written yet (train.checkpoint_every: {tc.checkpoint_every})"
+            raise TrainingDiverged(f"non-finite loss ({loss}) at step {bad['step']} (epoch {bad['epoch']}); {kept}")
+        last = rows[-1]
+        bar.set_postfix(epoch=f"{last['epoch'] + 1}/{total_steps // steps_per_epoch}", loss=f"{last['loss']:.4f}",
+                        img_s=f"{last['img_per_s']:.0f}")
+        window.clear()
+
     net.train()
     while global_step < total_steps:
         epoch, position = divmod(global_step, steps_per_epoch)
@@ -223,17 +262,10 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
             lap("store")
             with autocast:
                 out = method.loss(model, x0, idx, Progress(epoch, global_step, total_steps), est)
-            # One small all-reduce gives every rank the same numbers, so all stop together on NaN,
-            # before a bad step touches the weights or the store.
-            logged = [out.total, *(out.terms[k] for k in method.terms)]
-            stats = torch.stack([torch.as_tensor(v, device=world.device).detach().float() for v in logged] +
-                                [torch.tensor(float(len(idx)), device=world.device)])
-            stats = distributed.all_reduce_sum(stats)
-            loss, *terms = (stats[:-1] / world.world_size).tolist()
-            if not math.isfinite(loss):
-                kept = f"the last good checkpoint {saved} is kept" if saved else \
-                    f"no checkpoint was written yet (train.checkpoint_every: {tc.checkpoint_every})"
-                raise TrainingDiverged(f"non-finite loss ({loss}) at step {global_step + 1} (epoch {epoch}); {kept}")
+            # kept on the device until the next read; host numbers by a fill, as a copy would wait for the device
+            stats = torch.stack([v.detach().to(world.device, torch.float32) if torch.is_tensor(v)
+                                 else torch.full((), float(v), device=world.device)
+                                 for v in (out.total, *(out.terms[k] for k in method.terms), len(idx))])
             lap("forward")
             opt.zero_grad(set_to_none=True)
             out.total.backward()
@@ -248,20 +280,18 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                 store.scatter(idx, out.new_estimates)
             lap("store")
             global_step += 1
-            row = {"step": global_step, "epoch": epoch, "loss": loss, **dict(zip(method.terms, terms)),
-                   "lr": sched.get_last_lr()[0], "img_per_s": stats[-1].item() / (mark - t0),
-                   "store_bytes": store.nbytes if store is not None else 0,
-                   **{f"time_{k}": v for k, v in times.items()}}
-            if world.is_main:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, global_step)
+            window.append((stats, {"step": global_step, "epoch": epoch, "lr": sched.get_last_lr()[0],
+                                   "seconds": mark - t0, "store_bytes": store.nbytes if store is not None else 0,
+                                   "times": times}))
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{total_steps // steps_per_epoch}", loss=f"{loss:.4f}",
-                            img_s=f"{row['img_per_s']:.0f}")
             end_of_epoch = global_step % steps_per_epoch == 0
-            if (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
-                    (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps:
+            save = (tc.checkpoint_every and global_step % tc.checkpoint_every == 0) or \
+                (end_of_epoch and store is not None and store.needs_epoch_checkpoint) or global_step == total_steps
+            # Every epoch end too: a window never spans one, so no estimate a bad step scattered is gathered
+            # (each sample is gathered once per epoch, before its scatter) before the read stops the run.
+            if save or end_of_epoch or global_step % tc.log_every == 0:
+                read_window()
+            if save:
                 saved = checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched,
                                         store=store, keep=tc.keep_checkpoints)
         tracker.on_epoch_end(epoch, ema.module)

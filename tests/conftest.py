@@ -1,4 +1,4 @@
-"""Shared fixtures: the repository's params.yaml as a dict, tiny configurations, a repo copy."""
+"""Shared fixtures: the repository's params.yaml as a dict, tiny configurations, a repo copy, run comparison."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from dddm.config import merge_params as merge  # noqa: E402
@@ -61,6 +62,20 @@ def tracking_uri_kept():
 
 def tiny_params(**overrides) -> dict:
     return merge(merge(repo_params(), TINY), overrides)
+
+
+def result_of(run) -> dict:
+    """What a dddm.training.train result must reproduce: weights, EMA, x0 estimates and step."""
+    return {"model": run.net.state_dict(), "ema": run.ema.state_dict(), "estimates": run.store.estimates(),
+            "step": run.global_step}
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for name, value in a[part].items():
+            assert torch.equal(value, b[part][name]), (part, name)
+    assert torch.equal(a["estimates"], b["estimates"])
 
 
 def run_env(**extra) -> dict:

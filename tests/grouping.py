@@ -13,9 +13,11 @@ SPREAD_MODULES = {"test_training.py"}
 # Measured under make test on 2026-12-03 (a 2-core AMD EPYC, 18 min 17 s in all; each test's time from
 # the worker's previous test to its own end): test_pipeline 7.8 minutes, test_flows 5.8, test_workers 4.0,
 # test_tracking 3.5, test_performance 2.8 (torch.compile with an empty inductor cache, as on a fresh
-# machine: 2 min alone, 13 s once cached), test_multinode 2.5, test_experiment_lock 0.8.
-LONGEST_FIRST = ["test_pipeline.py", "test_flows.py", "test_workers.py", "test_tracking.py", "test_performance.py",
-                 "test_multinode.py", "test_experiment_lock.py"]
+# machine: 2 min alone, 13 s once cached), test_multinode 2.5, test_experiment_lock 0.8. Added 2026-12-07:
+# test_multinode's follower test (about 1.7 min alone: a tiny `dvc repro` across two agents) and
+# test_gpu_check's CPU smoke run (about 1 min).
+LONGEST_FIRST = ["test_pipeline.py", "test_flows.py", "test_multinode.py", "test_workers.py", "test_tracking.py",
+                 "test_performance.py", "test_gpu_check.py", "test_experiment_lock.py"]
 
 
 def handed_out(item) -> int:

@@ -50,6 +50,7 @@ def test_repo_params_load():
     ({"train": {"nproc": 0}}, "train.nproc"),
     ({"train": {"lr": float("nan")}}, "train.lr"),
     ({"train": {"nnodes": 0}}, "train.nnodes"),
+    ({"train": {"log_every": 0}}, "train.log_every"),
     ({"train": {"nnodes": 2}}, "rendezvous.endpoint: required with train.nnodes=2"),
     ({"train": {"nnodes": 2}, "rendezvous": {"endpoint": "node0"}}, "rendezvous.endpoint: 'node0' is not host:port"),
     ({"rendezvous": {"endpoint": "node0:http"}}, "rendezvous.endpoint: 'node0:http' is not host:port"),

@@ -1,5 +1,6 @@
 """The training loop with real processes: torchrun DDP (two gloo ranks), kill -9 and resume, NaN."""
 
+import json
 import math
 import os
 import random
@@ -15,14 +16,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_env, tiny_params
+from conftest import ROOT, assert_identical, result_of, run_env, tiny_params
 from dddm import checkpoint
 from dddm.config import parse_config
 from dddm.data import prepare_dataset
 from dddm.methods import Progress
 from dddm.distributed import torchrun_command
 from dddm.store import owned_indices
-from dddm.training import TrainingDiverged, epoch_batches, train
+from dddm.training import TrainingDiverged, epoch_batches, history_fields, train, write_history
 from dddm.unet import build_network
 
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -100,7 +101,7 @@ def test_kill_9_at_random_steps_and_in_checkpoint_writes_then_resume_is_bit_iden
     random step; each time the run resumes from its newest checkpoint, and the final weights, EMA
     and every rank's estimates equal an uninterrupted run's bit for bit."""
     def params(name):
-        return tiny_params(train={"epochs": 3, "batch_size": 128, "checkpoint_every": 5,
+        return tiny_params(train={"epochs": 3, "batch_size": 128, "checkpoint_every": 5, "log_every": 4,
                                   "checkpoint_dir": str(tmp_path / name)},
                            model={"dropout": 0.2},  # exercises the restored RNG state
                            method={"udddm": {"store": {"policy": policy}}})
@@ -204,11 +205,17 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
         kill_launching_group(first, tmp_path / "run")
 
 
-@pytest.mark.parametrize("checkpoint_every", [3, 0])
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, prepared, monkeypatch,
-                                                                        checkpoint_every):
+@pytest.mark.parametrize("checkpoint_every, policy", [(3, "device"), (3, "arrow"), (0, "arrow")])
+def test_a_nan_loss_inside_a_read_window_stops_naming_its_step_and_the_run_resumes_from_the_checkpoint_before(
+        tmp_path, prepared, monkeypatch, checkpoint_every, policy):
+    """The loss is read every train.log_every (4) steps, before each checkpoint and at each epoch end (8 steps):
+    a NaN at step 5 is found at step 6 (the checkpoint at 6 is never written) or 8, after its update reached
+    the weights and the store; the newest checkpoint predates it, and resuming from it (the store's estimates
+    of steps after it included) ends where an uninterrupted run ends."""
     cfg = parse_config(tiny_params(train={"epochs": 2, "batch_size": 256, "checkpoint_every": checkpoint_every,
-                                          "checkpoint_dir": str(tmp_path / "ck")}))
+                                          "log_every": 4, "checkpoint_dir": str(tmp_path / "ck")},
+                                   method={"udddm": {"store": {"policy": policy}}}))
+    whole = result_of(train(cfg, "udddm", prepared, tmp_path / "whole-out", tmp_path / "whole", progress=False))
     from dddm.methods import UDDDM
 
     real_loss, calls = UDDDM.loss, {"n": 0}
@@ -221,19 +228,53 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
         return out
 
     monkeypatch.setattr(UDDDM, "loss", poisoned)
-    kept = f"the last good checkpoint {tmp_path / 'run' / 'ckpt-000000003'} is kept" if checkpoint_every else \
+    run_dir = tmp_path / "run"
+    kept = f"the last good checkpoint {run_dir / 'ckpt-000000003'} is kept" if checkpoint_every else \
         "no checkpoint was written yet"
-    with pytest.raises(TrainingDiverged, match=f"at step 5 .*; {kept}"):
-        train(cfg, "udddm", prepared, tmp_path / "out", tmp_path / "run", progress=False)
+    with pytest.raises(TrainingDiverged, match=f"at step 5 \\(epoch 0\\); {kept}"):
+        train(cfg, "udddm", prepared, tmp_path / "out", run_dir, progress=False)
     assert not (tmp_path / "out" / "model.pt").exists()
-    if not checkpoint_every:
-        assert checkpoint.latest(tmp_path / "run") is None
-        return
-    good = checkpoint.latest(tmp_path / "run")
-    assert good.name == "ckpt-000000003"
-    state = torch.load(good / "train_state.pt", weights_only=True)
-    assert state["step"] == 3
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    history = [json.loads(line)["step"] for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3, 4]  # the steps before the bad one
+    if checkpoint_every:
+        good = checkpoint.latest(run_dir)
+        assert good.name == "ckpt-000000003"
+        state = torch.load(good / "train_state.pt", weights_only=True)
+        assert state["step"] == 3
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    else:
+        assert checkpoint.latest(run_dir) is None
+    resumed = train(cfg, "udddm", prepared, tmp_path / "out", run_dir, progress=False)  # the poison was once
+    assert_identical(result_of(resumed), whole)
+
+
+def test_the_loss_is_read_once_per_window_and_the_history_keeps_every_step(tmp_path, prepared, monkeypatch):
+    """Every 3 steps, and at each epoch end (8 steps): windows of 3, 3, 2, 1, 3, 3, 1 steps over 2 epochs."""
+    import dddm.training
+
+    windows, real = [], dddm.training.read_stats
+    monkeypatch.setattr(dddm.training, "read_stats", lambda window: windows.append(len(window)) or real(window))
+    cfg = parse_config(tiny_params(train={"epochs": 2, "batch_size": 256, "log_every": 3,
+                                          "checkpoint_dir": str(tmp_path / "ck")}))
+    result = train(cfg, "udddm", prepared, tmp_path / "out", tmp_path / "run", progress=False)
+    assert windows == [3, 3, 2, 1, 3, 3, 1]
+    rows = [json.loads(line) for line in result.history_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert all(tuple(r) == history_fields(cfg.make_method("udddm").terms) for r in rows)
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 for r in rows)
+
+
+def test_loss_tsv_is_the_same_file_whatever_the_wall_times(tmp_path):
+    """loss.tsv is a committed output: it keeps the history's reproducible columns, not its seconds."""
+    terms = ("guide",)
+    tsvs = []
+    for seconds in (0.5, 2.0):
+        history = tmp_path / f"history{seconds}.jsonl"
+        history.write_text(json.dumps({k: seconds if k == "img_per_s" or k.startswith("time_") else 1.0
+                                       for k in history_fields(terms)}) + "\n")
+        write_history(history, tmp_path / f"loss{seconds}.tsv", terms)
+        tsvs.append((tmp_path / f"loss{seconds}.tsv").read_text())
+    assert tsvs[0] == tsvs[1] and tsvs[0].splitlines()[0] == "step\tepoch\tloss\tguide\tlr\tstore_bytes"
 
 
 def nearest_data_distance(samples: torch.Tensor, data: torch.Tensor) -> float:

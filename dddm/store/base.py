@@ -168,8 +168,9 @@ class EstimateStore:
         return values.to(self.device, non_blocking=True).float().reshape(len(local), *self.sample_shape)
 
     def _check_finite(self, values: torch.Tensor, local: np.ndarray, what: str) -> None:
-        """Raise StoreError unless every estimate is finite: the training loop never stores a
-        non-finite one (it stops first), so one read back means damaged storage or checkpoint."""
+        """Raise StoreError unless every estimate is finite: the training loop stops on a non-finite
+        loss by the end of its epoch, before it gathers or checkpoints an estimate scattered after it,
+        so one read back means damaged storage or checkpoint."""
         if values.device.type == "cpu":
             bad_rows = self._dtype.nonfinite_rows(values)
         else:  # on the GPU (the device backend): one small reduction

@@ -236,7 +236,8 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert float(champion.tags["score"]) == pytest.approx(metrics["nfe1"]["fid_classifier"])
     table = artifact(api, "udddm-scores", run.id)
     assert "fid_classifier" in table and "| udddm nfe2 |" in table and "| edm nfe7 |" in table
-    run_page = f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}"
+    run_page = f"{mlflow_server}/#/experiments/{mlrun.info.experiment_id}/runs/{mlrun.info.run_id}" \
+        "?workflowType=machine_learning"  # opens in MLflow's model-training layout
     assert run_page in table
     assert artifact(api, "udddm-mlflow-run", run.id) == f"[MLflow run of udddm]({run_page})"  # a link artifact
     rows = json.loads(artifact(api, "udddm-scores-table", run.id))  # a table artifact: one row per method and row

@@ -2,10 +2,10 @@
 
 On a terminal: a tqdm bar. Anywhere else (a log file, DVC's output under a Prefect task, CI), a bar
 redrawn per step is one log line per step, so there the progress is one log line per interval
-(`DDDM_PROGRESS_INTERVAL_S`, 20 s by default) with the count, the rate, the ETA and the loop's own
-figures (epoch, loss, img/s), and one line at the end. A line also waits for a tenth of the loop to
-pass (or for ten minutes), so a loop says at most about ten lines however slow the machine is: the
-logs of a 60-epoch flow run stay within 200 lines.
+(`DDDM_PROGRESS_INTERVAL_S`, 30 s by default) with the count, the rate, the ETA and the loop's own
+figures (epoch, loss, img/s), and one line at the end of a loop that ran longer than that; a shorter loop
+says nothing. A line also waits for a tenth of the loop to pass (or for ten minutes), so a loop says at
+most about ten lines however slow the machine is, and a run's log does not grow with its epochs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL_S = 20.0
+DEFAULT_INTERVAL_S = 30.0
 SHARE = 0.1  # of the loop, between two lines
 LONGEST_SILENCE_S = 600.0
 
@@ -43,7 +43,7 @@ def duration(seconds: float) -> str:
 class IntervalLog:
     """tqdm's interface (update, set_postfix, close, a context manager) writing a log line at most once
     per `interval` seconds and per tenth of the loop (or per LONGEST_SILENCE_S), and a last one on close
-    (unless the last said it all)."""
+    when the loop ran longer than `interval` (unless the last said it all)."""
 
     def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "it", interval: float | None = None,
                  logger: logging.Logger = log, clock=time.monotonic):
@@ -82,7 +82,7 @@ class IntervalLog:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n != self.reported:
+            if self.n != self.reported and self.clock() - self.start >= self.interval:
                 self._report()
 
     def __enter__(self) -> IntervalLog:

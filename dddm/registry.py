@@ -8,15 +8,29 @@ then the name the score stage logs into that method's run (`<row>/<name>`, the r
 
 from __future__ import annotations
 
-import os
+import json
+import logging
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .tracking import logged_model_id
+from .tracking import TrackingUnavailable, check_reachable, complete_run, logged_model_id, run_page, ui_base
+
+# one line per registration ("Waiting up to 300 seconds for model version to finish creation") in every log
+logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
 
 LOWER_IS_BETTER = {"fid", "kid", "fid_classifier"}
+REGISTER_LATER = "dvc repro -f register"  # the register stage logs what an outage kept from a run, then registers
+
+
+class NotRegistered(RuntimeError):
+    """A model that cannot be registered now: the tracking server does not answer, or the run lacks the model.
+    The message names the run and the command that registers it later."""
+
+    def __init__(self, run_id: str, reason: str):
+        super().__init__(f"MLflow run {run_id} not registered: {reason}; once the server answers, `{REGISTER_LATER}` "
+                         "registers it")
 HIGHER_IS_BETTER = {"is", "is_classifier", "precision", "recall"}
 
 
@@ -55,21 +69,12 @@ def resolve_uri(uri: str, repo: Path) -> str:
     return uri
 
 
-def ui_base(tracking_uri: str) -> str | None:
-    """The MLflow UI's address: the tracking server itself, or MLFLOW_UI_URL for a `mlflow ui` someone runs
-    beside a local store (unset: no address is known)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
-    return os.environ.get("MLFLOW_UI_URL", "").rstrip("/") or None
-
-
 def run_url(tracking_uri: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI, when the UI's address is known."""
     base = ui_base(tracking_uri)
     if base is None:
         return None
-    experiment = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+    return run_page(base, MlflowClient(tracking_uri).get_run(run_id).info.experiment_id, run_id)
 
 
 def run_link(tracking_uri: str, run_id: str) -> str:
@@ -87,6 +92,10 @@ def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, a
     than the holder's. `score` defaults to the run's metric in MLflow; pass the experiment's own number
     (out/score/metrics.json) when DVC restored the score stage from its run-cache without logging it again.
     The holder's score is its version's `score` tag when that was for the same metric, else its run's metric."""
+    try:
+        check_reachable(tracking_uri)  # within seconds: MLflow's own retries take minutes
+    except TrackingUnavailable as e:
+        raise NotRegistered(run_id, str(e)) from None
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = client.get_run(run_id)
     if score is None:
@@ -96,7 +105,7 @@ def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, a
         score = run.data.metrics[metric]
     model_id = logged_model_id(client, run, artifact)
     if model_id is None:
-        raise ValueError(f"MLflow run {run_id} has no logged model {artifact!r}")
+        raise NotRegistered(run_id, f"it has no logged model {artifact!r}")
     try:
         client.create_registered_model(name, description="uDDDM EMA networks; alias "
                                        f"{alias!r}: the best by the registering flow's metric")
@@ -128,3 +137,16 @@ def register_if_better(tracking_uri: str, run_id: str, name: str, metric: str, a
     return {"name": name, "version": str(version.version), "metric": metric, "score": score, "better": direction,
             "alias": alias, "moved": moved, "previous_version": str(holder.version) if holder else None,
             "previous_score": holder_score, "run_link": run_link(tracking_uri, run_id)}
+
+
+def register_trained(out: Path, repo: Path, name: str, metric: str, score: float, alias: str = "champion") -> dict:
+    """register_if_better for the train stage whose outputs are in `out` (its mlflow_run.json; a relative SQLite
+    URI is relative to `repo`), after logging into its run what a tracking outage kept from it (complete_run; the
+    list of it under `completed`). NotRegistered when the server does not answer."""
+    reference = json.loads((out / "mlflow_run.json").read_text())
+    uri, run_id = resolve_uri(reference["tracking_uri"], repo), reference["run_id"]
+    try:
+        completed = complete_run(out, uri, run_id) if "incomplete" in reference else []
+    except TrackingUnavailable as e:
+        raise NotRegistered(run_id, str(e)) from None
+    return register_if_better(uri, run_id, name, metric, alias, score=score) | {"run_id": run_id, "completed": completed}

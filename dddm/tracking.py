@@ -7,6 +7,7 @@ directory, so `mlflow ui` there shows the runs with no server set up.
 from __future__ import annotations
 
 import collections
+import csv
 import getpass
 import hashlib
 import json
@@ -50,6 +51,9 @@ MAX_QUEUED_METRICS = 200_000  # about 40 MB; beyond it the oldest queued metrics
 # The experiment tag MLflow 3's UI reads to open an experiment as model training (runs, metrics, models),
 # not in its GenAI layout (traces, latency, token usage)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# MLflow prints "View run ... at" and "View experiment at" when a run ends, the experiment's link opening the
+# GenAI layout; the train stage logs one link of its own instead (run_page)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -137,12 +141,27 @@ def git_commit() -> str:
 
 
 def source_tags() -> dict[str, str]:
-    """The tags the MLflow UI shows as a run's Source, User and Git commit, and the machine that logged it
-    (runs of several clones and machines share one tracking server)."""
+    """The tags the MLflow UI shows as a run's Source, User and Git commit, and the machine and workspace (the
+    repository the stage runs in) that logged it: runs of several clones and machines share one server."""
     script = Path(sys.argv[0] or "python").resolve()
     source = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script.name
     return {"mlflow.source.name": str(source), "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser(),
-            "mlflow.source.git.commit": git_commit(), "host": socket.gethostname()}
+            "mlflow.source.git.commit": git_commit(), "host": socket.gethostname(), "workspace": str(Path.cwd())}
+
+
+def ui_base(uri: str) -> str | None:
+    """The MLflow UI's address: the tracking server itself, or MLFLOW_UI_URL for a `mlflow ui` someone runs
+    beside a local store (unset: no address is known)."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return os.environ.get("MLFLOW_UI_URL", "").rstrip("/") or None
+
+
+def run_page(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI at `base`, in its model-training layout: MLflow 3's UI picks the layout from
+    the `workflowType` query parameter, else from the browser's last choice (GenAI in a fresh profile), whatever
+    the experiment's EXPERIMENT_KIND tag says."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
@@ -201,7 +220,7 @@ class MlflowTracker:
         self.client = MlflowClient(self.uri)
         if run_id is not None:
             try:
-                self.client.get_run(run_id)
+                experiment_id = self.client.get_run(run_id).info.experiment_id
             except mlflow.exceptions.MlflowException:
                 raise TrackingUnavailable(
                     f"MLflow run {run_id}, which this training run logged into before it was interrupted, is not "
@@ -213,9 +232,11 @@ class MlflowTracker:
                 if key not in exp.tags:
                     self.client.set_experiment_tag(exp.experiment_id, key, value)
             run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
-            run_id = run.info.run_id
+            run_id, experiment_id = run.info.run_id, exp.experiment_id
             log_params(self.client, run_id, params)
         self.run_id = run_id
+        if (base := ui_base(self.uri)) is not None:
+            log.info("MLflow run: %s", run_page(base, experiment_id, run_id))
         self.flush_every = flush_every
         self.grid_every_epochs = grid_every_epochs
         self.grid_sampler = grid_sampler  # callable(ema_module) -> {steps: images in [-1, 1]}
@@ -308,15 +329,8 @@ class MlflowTracker:
         """The network as an MLflow PyTorch model in the pt2 format (torch.export: no pickle, no code
         needed to load it), with a signature naming its input tensors and a dynamic batch."""
         self.flush()
-        module, inputs = tensor_arguments(net.cpu().eval())
-
-        def log() -> None:
-            with mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(module, name=name, serialization_format="pt2",
-                                         signature=network_signature(inputs), input_example=tuple(inputs.values()),
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         self._retry_at = 0.0  # the end of the run: one more try
-        if not self._call("model", log):
+        if not self._call("model", log_network, self.run_id, net, name):
             self.not_logged.append(f"the model {name}")
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -326,6 +340,59 @@ class MlflowTracker:
             self.not_logged.append(f"the run status {status}")
         if (lost := self.incomplete()) is not None:
             log.warning("MLflow run %s is incomplete: %s", self.run_id, lost)
+
+
+def log_network(run_id: str, net: UNet, name: str = "ema_model") -> None:
+    """`net` into the run as an MLflow PyTorch model in the pt2 format (torch.export: no pickle, no code needed to
+    load it), with a signature naming its input tensors and a dynamic batch (the tracking URI: MLflow's current)."""
+    module, inputs = tensor_arguments(net.cpu().eval())
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(module, name=name, serialization_format="pt2", signature=network_signature(inputs),
+                                 input_example=tuple(inputs.values()),
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def complete_run(out: Path, uri: str, run_id: str, name: str = "ema_model") -> list[str]:
+    """Log into a finished training run what a tracking outage kept from it (mlflow_run.json's `incomplete`), from
+    the train stage's outputs in `out`: each metric's steps after the last one MLflow holds (loss.tsv, and the
+    learning curve's points, curve.tsv), the model (model.pt) and the run's status; its sample grids stay lost.
+    Returns what was logged ([] when nothing was missing); TrackingUnavailable when the server does not answer."""
+    from .checkpoint import load_model
+    from .training import curve_metrics
+
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    try:
+        run = client.get_run(run_id)
+        rows = _table(out / "loss.tsv")
+        # a curve point is logged at the last step of its epoch (epoch 0: a fine-tuned run's initialisation)
+        last_step = {int(r["epoch"]) + 1: int(r["step"]) for r in rows} | {0: 0}
+        points = [(last_step[int(p["epoch"])], curve_metrics(p)) for p in _table(out / "curve.tsv")]
+        steps = [(int(r["step"]), {k: v for k, v in r.items() if k != "step"}) for r in rows] + points
+        now, metrics = int(time.time() * 1000), []
+        for key in {k for _, values in steps for k in values}:
+            logged = max((m.step for m in client.get_metric_history(run_id, key)), default=-1)
+            metrics += [Metric(key, float(values[key]), now, step) for step, values in steps
+                        if key in values and step > logged]
+        for start in range(0, len(metrics), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        done = [f"{len(metrics)} metrics"] if metrics else []
+        if logged_model_id(client, run, name) is None:
+            mlflow.set_tracking_uri(uri)
+            log_network(run_id, load_model(out / "model.pt").net, name)
+            done.append(f"the model {name}")
+        if run.info.status == "RUNNING":  # the train stage's own set_terminated did not get through
+            client.set_terminated(run_id, "FINISHED")
+            done.append("its status")
+    except mlflow.exceptions.MlflowException as e:
+        raise TrackingUnavailable(f"MLflow tracking at {uri} failed completing run {run_id}: "
+                                  f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
+    return done
 
 
 def ema_grid_sampler(method, shape: tuple[int, ...], device, num: int = 64):

@@ -139,7 +139,7 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     """Train `method_name` per `cfg` on the prepared dataset, from scratch or from `init` (a fine-tuned
     method); write the final EMA model to out_dir/model.pt. `run_dir` holds checkpoints and the x0 store;
     with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
-    records a learning-curve point every train.eval_every epochs. One trainer per run_dir: a second one
+    records a learning-curve point every train.eval_every epochs and at the end. One trainer per run_dir: a second one
     raises RunLocked."""
     world = distributed.init(cfg.train.device)
     with runlock.hold(Path(run_dir), world):
@@ -181,9 +181,15 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     store = _open_store(method, run_dir, latest is not None, info, shape, cfg.seed, world) if method.uses_store else None
     global_step = 0
     history_path = run_dir / "history.jsonl"
+    total_steps = cfg.epochs_of(method_name) * steps_per_epoch
     if latest is not None:
         global_step = checkpoint.restore(latest, world, net=net, ema=ema, opt=opt, sched=sched, store=store)
-        log.info("resumed from %s at step %d", latest, global_step)
+        if global_step < total_steps:
+            log.info("resumed from %s at step %d", latest, global_step)
+        elif world.is_main:
+            log.warning("%s: this configuration was trained to the end before (%s, step %d of %d); nothing is trained, "
+                        "its model is written again. To train it again from step 0, delete %s or set train.resume: never",
+                        method.name, latest, global_step, total_steps, run_dir)
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if latest is None:
@@ -197,7 +203,6 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                       "store_backend": type(store).__name__ if store is not None else "none",
                       "global_batch": str(batch * world.world_size)})
 
-    total_steps = cfg.epochs_of(method_name) * steps_per_epoch
     images_before = init.images if init is not None else 0  # the initialisation's training images
     curve = curve if world.is_main else None
     if curve is not None:
@@ -296,7 +301,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                                         store=store, keep=tc.keep_checkpoints)
         tracker.on_epoch_end(epoch, ema.module)
         done = epoch + 1
-        if curve is not None and tc.eval_every and done % tc.eval_every == 0:
+        if curve is not None and tc.eval_every and (done % tc.eval_every == 0 or global_step == total_steps):
             tracker.log_metrics(curve_metrics(curve.record(ema.module, done, images_before + done * info.num_samples)),
                                 global_step)
     bar.close()

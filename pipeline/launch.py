@@ -23,14 +23,14 @@ import re  # noqa: E402
 import runpy  # noqa: E402
 import sys  # noqa: E402
 
-from .common import PARAMS  # noqa: E402
+from .common import METHOD_HELP, PARAMS  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the worker module every process runs (pipeline.train)")
-    ap.add_argument("--method", required=True, help="a key of params `method` (udddm, ict, edm)")
+    ap.add_argument("--method", required=True, help=METHOD_HELP)
     args, args.worker_args = ap.parse_known_args()  # the rest are the worker's own arguments
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")

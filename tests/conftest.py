@@ -89,6 +89,16 @@ def run_env(**extra) -> dict:
     return env
 
 
+def stage_command(repo: Path, name: str) -> list[str]:
+    """A stage's command as dvc.yaml declares it (`train@udddm`: a method's), without DVC; the train stage's
+    launcher starts params.yaml's train.nproc workers."""
+    from flows.dvcrun import expanded_stages
+
+    declared = expanded_stages(repo)[name]["cmd"].split()
+    module = declared.index("-m")
+    return [sys.executable, "-m", *declared[module + 1:]]
+
+
 def copy_repo(dest: Path, outputs: bool = False) -> Path:
     """The repository's source (tracked and untracked-but-not-ignored files, without stage
     outputs a developer may have produced, unless `outputs`) in a fresh git repo at `dest`."""

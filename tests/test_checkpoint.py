@@ -147,6 +147,16 @@ def test_a_manifest_that_does_not_match_is_skipped(runs, tmp_path, caplog, chang
         assert "skipping checkpoint" in caplog.text and "manifest.json" in caplog.text
 
 
+def test_a_run_trained_to_its_end_trains_nothing_and_says_how_to_train_it_again(runs, tmp_path, caplog):
+    run_dir = interrupted(runs, tmp_path)  # its 1 epoch done
+    caplog.set_level(logging.INFO, logger="dddm.training")
+    assert resume(runs, run_dir, tmp_path, epochs=1)["step"] == STEPS_PER_EPOCH
+    said = [r.getMessage() for r in caplog.records if r.name == "dddm.training" and "resume" in r.getMessage()]
+    assert said == [f"udddm: this configuration was trained to the end before ({run_dir / 'ckpt-000000008'}, step 8 "
+                    f"of 8); nothing is trained, its model is written again. To train it again from step 0, delete "
+                    f"{run_dir} or set train.resume: never"]
+
+
 def test_no_checkpoint_verifies_trains_from_step_0_and_says_so(runs, tmp_path, caplog):
     run_dir = interrupted(runs, tmp_path)
     for ckpt in checkpoint.complete(run_dir):

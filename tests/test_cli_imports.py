@@ -36,3 +36,7 @@ def test_help_is_answered_without_the_heavy_libraries(stage):
     assert out.stdout.startswith("usage: python -m pipeline.") or out.stdout.startswith("usage:")
     imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
     assert not imported & set(HEAVY), imported & set(HEAVY)
+    if stage in ("train", "score"):  # --method: every method of the registry, ECT included
+        from dddm.methods import METHODS
+
+        assert f"({', '.join(METHODS)})" in " ".join(out.stdout.split()), out.stdout

@@ -39,7 +39,7 @@ def edm_params(tmp_path, **overrides):
 def edm_model(tmp_path_factory, prepared):
     """A short EDM run: the model ECT starts from, with its learning curve."""
     tmp = tmp_path_factory.mktemp("edm")
-    cfg = parse_config(edm_params(tmp, train={"eval_every": 2, "eval_samples": 160}))
+    cfg = parse_config(edm_params(tmp, train={"eval_every": 3, "eval_samples": 160}))
     curve = make_curve(cfg, "edm", tmp / "run")
     train(cfg, "edm", prepared, tmp / "edm", tmp / "run", progress=False, curve=curve)
     return tmp, cfg, curve
@@ -51,12 +51,12 @@ def make_curve(cfg, name, run_dir):
     return LearningCurve(cfg.make_method(name), (1, 8, 8), run_dir, CLASSIFIER, cfg.score, cfg.train.eval_samples, "cpu")
 
 
-def test_every_eval_every_epochs_one_learning_curve_row(edm_model, tmp_path):
+def test_every_eval_every_epochs_and_at_the_end_one_learning_curve_row(edm_model, tmp_path):
     tmp, cfg, curve = edm_model
     rows = curve.rows()
-    assert [r["epoch"] for r in rows] == [2, 4]
-    assert [r["images"] for r in rows] == [2 * 1797, 4 * 1797]
-    assert rows[-1]["fid_classifier_4step"] < rows[0]["fid_classifier_4step"]  # tiny params: edm samples 4 steps
+    assert [r["epoch"] for r in rows] == [3, 4]  # eval_every 3 of 4 epochs
+    assert [r["images"] for r in rows] == [3 * 1797, 4 * 1797]
+    assert rows[-1]["fid_classifier_4step"] < rows[0]["fid_classifier_4step"], rows  # tiny params: edm samples 4 steps
     curve.write_tsv(tmp_path / "curve.tsv")
     with open(tmp_path / "curve.tsv", newline="") as f:
         table = list(csv.DictReader(f, delimiter="\t"))
@@ -81,7 +81,7 @@ def test_ect_starts_as_its_model_file_and_a_short_run_beats_it_in_one_step(edm_m
     curve = make_curve(cfg, "ect", tmp_path / "run")
     train(cfg, "ect", prepared, tmp_path / "ect", tmp_path / "run", progress=False, init=init, curve=curve)
     rows = curve.rows()
-    assert [r["epoch"] for r in rows] == [0, 2, 4] and rows[0]["images"] == 4 * 1797  # starts at EDM's images
+    assert [r["epoch"] for r in rows] == [0, 3, 4] and rows[0]["images"] == 4 * 1797  # starts at EDM's images
     assert rows[-1]["fid_classifier_1step"] < 0.7 * rows[0]["fid_classifier_1step"], rows
     tuned = checkpoint.load_model(tmp_path / "ect" / "model.pt")
     assert tuned.images == 8 * 1797 and tuned.init["method"] == "edm" and tuned.init["path"] == cfg.finetune.init_from
@@ -134,11 +134,11 @@ def test_finetune_params_are_checked_with_the_key_named(tmp_path, monkeypatch):
            ({"finetune": {"methods": ["udddm"]}}, "finetune.methods: udddm listed twice"),
            ({"finetune": {"methods": ["ect", "ect"]}}, "finetune.methods: ect listed twice"),
            ({"finetune": {"methods": ["ddpm"]}}, "finetune.methods"),
-           ({"train": {"eval_every": 5}}, "train.eval_every: 5"),  # tiny: 1 epoch
            ({"train": {"eval_every": -1}}, "train.eval_every")]
     for overrides, expected in bad:
         with pytest.raises(ConfigError, match=expected.replace(".", r"\.")):
             parse_config(tiny_params(**overrides))
+    parse_config(tiny_params(train={"eval_every": 5}))  # more than tiny's 1 epoch: one point, at the end
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(tiny_params(methods=["udddm", "ict"]))
     assert finetune_problems(cfg) == ["finetune.init_from: out/train/edm/model.pt: model file not found; it is the edm "

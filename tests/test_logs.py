@@ -2,9 +2,11 @@
 flows' task logs say DVC's repeated lines once."""
 
 import logging
+import subprocess
 
 import pytest
 
+from conftest import run_env, stage_command, tiny_params, write_params
 from dddm.progress import IntervalLog, progress
 from flows.dvcrun import CondensedLog
 
@@ -76,9 +78,14 @@ def test_a_resumed_loop_counts_its_rate_from_where_it_resumed(lines):
     assert out == ["train: 60/100 it, 1 it/s, ETA 40 s", "train: 70/100 it, 1 it/s, ETA 30 s"]
 
 
-def test_a_loop_that_did_nothing_says_nothing(lines):
+def test_a_loop_that_did_nothing_or_ran_within_the_interval_says_nothing(lines):
     logger, out = lines
     IntervalLog(10, "sampling", logger=logger, clock=Clock()).close()
+    clock = Clock()
+    with IntervalLog(10, "sampling", interval=30, logger=logger, clock=clock) as bar:
+        for _ in range(10):  # 29 s in all: the stage's own lines say it ran
+            clock.now += 2.9
+            bar.update()
     assert out == []
 
 
@@ -88,7 +95,9 @@ def test_progress_is_a_log_off_a_terminal_and_silent_when_disabled():
     assert not isinstance(progress(10, "x", disable=True), IntervalLog)
 
 
-def test_the_interval_is_read_from_the_environment(monkeypatch):
+def test_the_interval_is_30_s_or_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DDDM_PROGRESS_INTERVAL_S", raising=False)
+    assert IntervalLog(1, "x").interval == 30
     monkeypatch.setenv("DDDM_PROGRESS_INTERVAL_S", "5")
     assert IntervalLog(1, "x").interval == 5
     monkeypatch.setenv("DDDM_PROGRESS_INTERVAL_S", "soon")
@@ -107,4 +116,26 @@ def test_dvc_s_skips_are_one_line_and_its_advice_is_dropped(lines):
         log.line(text)
     log.flush()
     assert out == ["unchanged, not run: check, prepare", "Running stage 'train@edm':", "> torchrun ...",
-                   "Updating lock file 'dvc.lock'", "unchanged, not run: sample@edm"]
+                   "unchanged, not run: sample@edm"]
+
+
+@pytest.mark.slow
+def test_the_train_stage_says_no_more_at_6_epochs_than_at_2(repo_copy):
+    """The train stage is the one whose work grows with the epochs (the learning curve's points aside: one line
+    each, train.eval_every 0 here): its own log lines are as many at 6 epochs as at 2, with progress at its most
+    talkative (a line per tenth of the loop, DDDM_PROGRESS_INTERVAL_S=0), so a flow's log does not grow with them."""
+    def run(stage: str) -> str:
+        done = subprocess.run(stage_command(repo_copy, stage), cwd=repo_copy, env=run_env(DDDM_PROGRESS_INTERVAL_S="0"),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+
+    said = {}
+    for epochs in (2, 6):
+        write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []},
+                                            train={"epochs": epochs, "batch_size": 64, "eval_every": 0}))
+        if not said:
+            run("prepare")
+        said[epochs] = [line for line in run("train@udddm").splitlines() if " dddm." in line]  # not MLflow's
+    assert len(said[6]) == len(said[2]), (said[2], said[6])
+    assert sum("train udddm: " in line for line in said[6]) == 10  # 9 tenths and the end

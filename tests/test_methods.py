@@ -228,6 +228,7 @@ def test_samples_depend_on_seed_and_index_not_on_batch_size(name):
 
 def test_registry_and_interfaces():
     assert set(METHODS) == {"udddm", "ict", "edm", "ect"}
+    assert all(cls.name == name for name, cls in METHODS.items())  # the key each class's params section has
     assert METHODS["udddm"].uses_store and not any(METHODS[m].uses_store for m in ("ict", "edm", "ect"))
     assert all(make(m).conditioning == "none" for m in ("ict", "edm", "ect"))
     assert make("udddm").conditioning == "cross_attention"

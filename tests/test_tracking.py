@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, run_env, start_mlflow_server, tiny_params, write_params
+from conftest import free_port, run_env, stage_command, start_mlflow_server, tiny_params, write_params
 from dddm.checkpoint import load_model
 from dddm.pixels import image_grid
 from dddm.tracking import flatten
@@ -39,16 +39,6 @@ def mlflow_server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def stage_command(repo, name) -> list[str]:
-    """A stage's command as dvc.yaml declares it (uDDDM's for the method stages), without DVC; the train
-    stage's launcher starts params.yaml's train.nproc workers."""
-    from flows.dvcrun import expanded_stages
-
-    declared = expanded_stages(repo)[name]["cmd"].split()
-    module = declared.index("-m")
-    return [sys.executable, "-m", *declared[module + 1:]]
-
-
 def stage(repo, name, uri):
     return subprocess.run(stage_command(repo, name), cwd=repo, env=run_env(MLFLOW_TRACKING_URI=uri),
                           capture_output=True, text=True, timeout=600)
@@ -57,10 +47,12 @@ def stage(repo, name, uri):
 def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
     params = tiny_params(train={"epochs": 2, "nproc": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
     write_params(repo_copy, params)
+    said = {}
     for name in ("prepare", "classifier", "reference", "train@udddm", "sample@udddm", "score@udddm"):
         result = stage(repo_copy, name, mlflow_server)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Pickle" not in result.stderr, name  # MLflow's warning for pickled models
+        said[name] = result.stdout + result.stderr
 
     ref = json.loads((repo_copy / "out/train/udddm/mlflow_run.json").read_text())
     assert ref["tracking_uri"] == mlflow_server
@@ -81,6 +73,10 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert len(tags["mlflow.source.git.commit"]) > 0
     assert tags["mlflow.source.name"] == "pipeline/train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"]
+    assert tags["workspace"] == str(repo_copy) and tags["host"]  # two clones on one host told apart
+    # one link, in MLflow's model-training layout; not MLflow's own "View run" / "View experiment" lines
+    page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert f"MLflow run: {page}" in said["train@udddm"] and "View experiment" not in said["train@udddm"]
     method, process, source, digest = run.info.run_name.split("-")  # readable: method, process, data, config
     assert (method, process, source) == ("udddm", "vp", "digits") and len(digest) == 8
     [dataset] = run.inputs.dataset_inputs

@@ -19,6 +19,7 @@ import time
 from .common import PARAMS
 
 POLL_S = 2.0
+READ_ATTEMPTS = 5
 
 
 def is_launch(stage) -> bool:
@@ -43,15 +44,23 @@ def main() -> None:
     if cfg.train.nnodes == 1:
         sys.exit("follow: train.nnodes is 1: node 0's `dvc repro` trains alone, there is nothing to follow")
     import networkx as nx
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
     from dvc.repo.reproduce import collect_stages, get_active_graph, plan_repro
 
     def planned():
         """The stages of `dvc repro`'s plan, by name, and its graph: read anew each time, since node 0 updates
-        dvc.lock after each stage (a stage object compares with the lock as it was read)."""
-        repo = Repo()
-        graph = get_active_graph(repo.index.graph)
-        return repo, graph, {s.addressing: s for s in plan_repro(graph, collect_stages(repo, ["dvc.yaml"]))}
+        dvc.lock after each stage (a stage object compares with the lock as it was read). DVC rewrites dvc.lock
+        in place, so a read may meet half a file: read again."""
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                repo = Repo()
+                graph = get_active_graph(repo.index.graph)
+                return repo, graph, {s.addressing: s for s in plan_repro(graph, collect_stages(repo, ["dvc.yaml"]))}
+            except DvcException:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(POLL_S)
 
     repo, _, stages = planned()
     plan = [name for name, s in stages.items() if is_launch(s) and not s.frozen]

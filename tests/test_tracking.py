@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import free_port, run_env, stage_command, start_mlflow_server, tiny_params, write_params
 from dddm.checkpoint import load_model
 from dddm.pixels import image_grid
+from dddm.distributed import threads_per_process
 from dddm.tracking import flatten
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,7 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     logged = {k: v for k, v in params.items() if k not in ("methods", "method", "finetune")} | \
         {"method": {"udddm": params["method"]["udddm"]}}
     logged["limits"]["max_hours"] = float(logged["limits"]["max_hours"])
+    logged["train"]["threads"] = threads_per_process("auto")  # the number the stage used (it inherits this env)
     assert run.data.params == flatten(json.loads(json.dumps(logged)))
     assert run.data.tags["method"] == "udddm"
     tags = run.data.tags

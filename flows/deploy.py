@@ -16,6 +16,7 @@ Flow runs execute in subprocesses of this one, in this repository.
 from __future__ import annotations
 
 import os
+import sys
 
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
@@ -41,9 +42,34 @@ def deployments() -> list:
     ]
 
 
+# what `prefect server start` needs for `prefect deployment run --watch` to print the flow runs' log lines
+# (a failure's reason among them); without them it prints state changes only
+LOG_STREAMING = {"stream_out_enabled": "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED",
+                 "stream_publishing_enabled": "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"}
+
+
+def log_streaming_problem() -> str | None:
+    """What the Prefect server lacks to stream log lines to `--watch` (its settings, read from its API), or None."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return None
+    try:
+        logs = httpx.get(PREFECT_API_URL.value().rstrip("/") + "/admin/settings", timeout=10).json()["server"]["logs"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    missing = [name for key, name in LOG_STREAMING.items() if not logs.get(key)]
+    return (f"the Prefect server at {PREFECT_API_URL.value()} does not stream log lines: `prefect deployment run "
+            f"--watch` will print state changes only, not why a run failed; start it with "
+            f"{' '.join(f'{name}=true' for name in missing)}") if missing else None
+
+
 def main() -> None:
     # flow runs are subprocesses that import `flows.*` by module path, from this repository
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    if problem := log_streaming_problem():
+        print(f"warning: {problem}", file=sys.stderr)
     serve(*deployments())
 
 

@@ -34,10 +34,13 @@ STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|sco
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
 # DVC's lines that each task would repeat: a `dvc repro <stage>` names every unchanged stage upstream of it
-# (condensed into one line), and advises git/autostage/push after every run (dropped from the log).
+# (condensed into one line), and after every stage it runs says it updates dvc.lock and advises
+# git/autostage/push (dropped from the log: the flow saves the experiment itself).
 SKIPPED = re.compile(r"^Stage '(.+)' didn't change, skipping$")
-ADVICE = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|\s*git add |"
-                    r"\s*dvc config core\.autostage|Use `dvc push` to send your updates to remote storage\.)")
+ADVICE = re.compile(r"^(Updating lock file |Data and pipelines are up to date\.|To track the changes with git, run:|"
+                    r"To enable auto staging, run:|\s*git add |\s*dvc config core\.autostage|"
+                    r"Use `dvc push` to send your updates to remote storage\.)")
+STARTED = re.compile(r"^Running stage '.+':$")  # DVC, as each stage of a `dvc repro` starts
 
 
 class CondensedLog:
@@ -46,13 +49,17 @@ class CondensedLog:
     def __init__(self, logger):
         self.logger, self.skipped = logger, []
 
-    def line(self, text: str) -> None:
+    def line(self, text: str) -> bool:
+        """Log `text` unless it is one of DVC's repeated lines; True when it was logged as it is."""
         skipped = SKIPPED.match(text)
         if skipped:
             self.skipped.append(skipped.group(1))
-        elif not ADVICE.match(text):
-            self.flush()
-            self.logger.info(text)
+            return False
+        if ADVICE.match(text):
+            return False
+        self.flush()
+        self.logger.info(text)
+        return True
 
     def flush(self) -> None:
         if self.skipped:
@@ -132,8 +139,11 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
             watchdog.start()
         for line in proc.stdout:  # universal newlines: a progress bar's "\r" ends a line too
             if line.strip():
-                log.line(line.rstrip())
-                tail.append(line.rstrip())
+                if STARTED.match(line):  # a failure's message quotes the stage that failed, not those before it
+                    tail.clear()
+                    said.clear()
+                if log.line(line.rstrip()):  # and what the log shows of it, not DVC's repeated lines
+                    tail.append(line.rstrip())
                 if said or STAGE_ERROR.match(line):
                     said.append(line.rstrip())
         rc = proc.wait()
@@ -159,8 +169,10 @@ def run(args: list[str], repo: Path, logger, timeout_s: float | None = None, ext
 
 
 def stages(repo: Path) -> list[str]:
-    """The stage names of dvc.yaml, in their declared (dependency) order."""
-    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    """The stage names of dvc.yaml, in their declared (dependency) order, but a method matrix with no methods
+    (`finetune` when `finetune.methods` is empty): `dvc repro` of it runs the whole pipeline."""
+    expanded = {name.split("@")[0] for name in expanded_stages(repo)}
+    return [name for name in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"] if name in expanded]
 
 
 def compared_methods(params: dict) -> list[str]:
@@ -168,14 +180,15 @@ def compared_methods(params: dict) -> list[str]:
     return list(params["methods"]) + list(params["finetune"]["methods"])
 
 
-def expanded_stages(repo: Path) -> dict[str, dict]:
+def expanded_stages(repo: Path, params: dict | None = None) -> dict[str, dict]:
     """dvc.yaml's stages with each method matrix expanded (`train@edm`, `finetune@ect`, ...) and
-    `${item.method}` filled in from the params list it names (`${methods}`, `${finetune.methods}`): the one
-    place the flows learn the pipeline's paths from."""
+    `${item.method}` filled in from the params list it names (`${methods}`, `${finetune.methods}`) of `params`
+    (default: params.yaml's): the one place the flows learn the pipeline's paths from."""
     stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     from dddm.config import read_yaml
 
-    params = read_yaml((repo / "params.yaml").read_text(), str(repo / "params.yaml"))
+    if params is None:
+        params = read_yaml((repo / "params.yaml").read_text(), str(repo / "params.yaml"))
     out = {}
     for name, stage in stages_.items():
         if "matrix" not in stage:
@@ -195,10 +208,16 @@ def _paths(stage: dict, kinds=("outs", "metrics", "plots")) -> list[tuple[str, d
             for kind in kinds for e in stage.get(kind) or []]
 
 
+def outputs(repo: Path, params: dict | None = None) -> dict[str, bool]:
+    """Every output dvc.yaml declares under `params` (default: params.yaml's), files and directories, each
+    mapped to whether DVC caches it."""
+    return {path: opts.get("cache", True) is not False for stage in expanded_stages(repo, params).values()
+            for path, opts in _paths(stage)}
+
+
 def uncached_outputs(repo: Path) -> list[str]:
     """Outputs declared `cache: false` (metrics, run references): `dvc checkout` cannot restore them."""
-    return [path for stage in expanded_stages(repo).values() for path, opts in _paths(stage)
-            if opts.get("cache", True) is False]
+    return [path for path, cached in outputs(repo).items() if not cached]
 
 
 def method_outputs(repo: Path, method: str) -> dict[str, Path]:

@@ -47,33 +47,64 @@ def workspace_lock(repo: Path):
         yield
 
 
+def _copy(source: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest, symlinks=True)
+    else:
+        shutil.copy2(source, dest)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 @contextmanager
-def rollback_on_failure(repo: Path):
-    """Keep params.yaml, dvc.lock and the uncached outputs; if the body fails, put them back and
-    `dvc checkout` the cached outputs, so a failed experiment leaves the earlier results as they were."""
-    keep = [Path("params.yaml"), Path("dvc.lock"), *map(Path, dvcrun.uncached_outputs(repo))]
+def rollback_on_failure(repo: Path, planned: dict):
+    """If the body fails, put the workspace back as it was: params.yaml, dvc.lock, the uncached outputs (files
+    and directories: metrics, plots, out/compare) and the .gitignore files beside outputs from a copy, the
+    cached outputs with `dvc checkout`, and every output path that did not exist before (those of methods
+    the `planned` params add) removed. Caches stay: DVC's, MLflow's store, the checkpoints."""
+    before = dvcrun.outputs(repo)
+    declared = before | {path: cached for path, cached in dvcrun.outputs(repo, planned).items() if path not in before}
+    # copied: what `dvc checkout` cannot restore (uncached outputs; what only the planned params declare)
+    kept = ["params.yaml", "dvc.lock", *(path for path, cached in declared.items() if not cached or path not in before)]
+    kept += sorted({str(Path(path).parent / ".gitignore") for path in declared} - set(kept))
+    existed = {path for path in [*kept, *declared] if (repo / path).exists()}
+    folders = {parent for path in declared for parent in Path(path).parents if (repo / parent).is_dir()}
     with tempfile.TemporaryDirectory(dir=repo / ".dvc" / "tmp", prefix="udddm-snapshot-") as snapshot:
-        for rel in keep:
-            if (repo / rel).is_file():
-                (Path(snapshot) / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(repo / rel, Path(snapshot) / rel)
+        for rel in kept:
+            if rel in existed:
+                _copy(repo / rel, Path(snapshot) / rel)
         try:
             yield
         except BaseException:
             logger = get_run_logger()
-            logger.warning("a step failed: restoring params.yaml, dvc.lock and the outputs of before")
-            for rel in keep:
-                saved, current = Path(snapshot) / rel, repo / rel
-                if saved.is_file():
-                    current.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(saved, current)
-                elif current.is_file():
-                    current.unlink()
+            logger.warning("a step failed: putting back params.yaml, dvc.lock and the outputs of before")
+            for rel in ("params.yaml", "dvc.lock"):
+                _remove(repo / rel)
+                if rel in existed:
+                    _copy(Path(snapshot) / rel, repo / rel)
             if (repo / "dvc.lock").is_file():
                 try:
                     dvcrun.run(["checkout", "--force"], repo, logger)
                 except Exception as e:  # never hide the stage's own error behind this one
                     logger.error("restoring the earlier outputs failed: %s", e)
+            for rel in dict.fromkeys([*kept, *declared]):  # after the checkout, which writes .gitignore entries
+                if rel in kept or rel not in existed:
+                    _remove(repo / rel)
+                if rel in kept and rel in existed:
+                    _copy(Path(snapshot) / rel, repo / rel)
+                for parent in Path(rel).parents:  # folders the failed run made, left empty
+                    if parent in folders or parent == Path("."):
+                        break
+                    if (repo / parent).is_dir():
+                        if any((repo / parent).iterdir()):
+                            break
+                        (repo / parent).rmdir()
             raise
 
 
@@ -88,8 +119,26 @@ class FailedRunTracebackFilter(logging.Filter):
         return not (record.exc_info and isinstance(record.exc_info[1], FailedRun))
 
 
+def completed_task_line(record: logging.LogRecord) -> bool:
+    """False for the engine's "Finished in state Completed()" of each task: one per stage, saying nothing the
+    task's state does not (a failed task's line stays)."""
+    return not record.getMessage().startswith("Finished in state Completed(")
+
+
 # the runner's flow-run process imports this module before its engine runs the flow
 logging.getLogger("prefect.flow_runs").addFilter(FailedRunTracebackFilter())
+logging.getLogger("prefect.task_runs").addFilter(completed_task_line)
+
+
+def failed(message: str) -> State:
+    """The flow run's Failed state with `message` (one line, no traceback), logged and sent to the server first:
+    `prefect deployment run --watch` stops listening a few seconds after the final state, before the engine's
+    own "Finished in state" line may arrive."""
+    from prefect.logging.handlers import APILogHandler
+
+    get_run_logger().error(message)
+    APILogHandler().flush()
+    return Failed(message=message)
 
 
 class StepFailed(RuntimeError):
@@ -102,16 +151,24 @@ def raise_if_failed(state: State) -> None:
         raise StepFailed(state.message)
 
 
-def override_problem(repo: Path, overrides: dict[str, Any] | None) -> str | None:
-    """What is wrong with `overrides` against the workspace's params.yaml (the key and the nearest one, or the
-    value as the check stage names it), or None. A flow ends Failed with it as its message, no traceback."""
+def planned_params(repo: Path, overrides: dict[str, Any] | None) -> dict:
+    """The params `overrides` give the workspace's params.yaml, validated as every stage validates them; a
+    StepFailed naming the key (and the nearest one) or the value as the check stage names it."""
     from dvc.exceptions import DvcException
 
     try:
-        dvcrun.check_sets(repo / "params.yaml", dvcrun.set_params(overrides))
+        return dvcrun.check_sets(repo / "params.yaml", dvcrun.set_params(overrides))
     except (ValueError, DvcException) as e:
         cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) not in str(e) else ""
-        return f"bad override: {e}{cause}"
+        raise StepFailed(f"bad override: {e}{cause}") from None
+
+
+def override_problem(repo: Path, overrides: dict[str, Any] | None) -> str | None:
+    """What is wrong with `overrides` (planned_params), or None."""
+    try:
+        planned_params(repo, overrides)
+    except StepFailed as e:
+        return str(e)
     return None
 
 
@@ -200,15 +257,24 @@ def push_outputs(repo: str, remote: str | None, experiment: str | None) -> str |
     return name
 
 
+def metric_problem(metric: str, metrics: dict) -> str | None:
+    """What keeps `metric` from naming one of the experiment's scores (`metrics`: per method), or None."""
+    method, row, key = split_metric(metric)
+    if key not in metrics.get(method, {}).get(row, {}):
+        return (f"metric {metric!r} is not among the scores (they are "
+                f"{sorted(f'{m}/{r}/{k}' for m, rows in metrics.items() for r, v in rows.items() for k in v)})")
+    return None
+
+
 @task(name="register-model", task_run_name="register-model")
 def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias: str, metrics: dict) -> dict:
     """`metrics`: the experiment's scores per method, the score of this configuration even when DVC
     restored the score stage from its run-cache (and so logged nothing new to MLflow)."""
     logger = get_run_logger()
+    problem = metric_problem(metric, metrics)
+    if problem:
+        raise ValueError(problem)
     method, row, key = split_metric(metric)
-    if key not in metrics.get(method, {}).get(row, {}):
-        raise ValueError(f"metric {metric!r} is not among the scores (they are "
-                         f"{sorted(f'{m}/{r}/{k}' for m, rows in metrics.items() for r, v in rows.items() for k in v)})")
     result = register_if_better(tracking_uri, run_id, name, f"{row}/{key}", alias, score=metrics[method][row][key])
     logger.info("registered %s version %s (%s = %.6g, %s is better); alias %r %s", name, result["version"],
                 metric, result["score"], result["better"], alias,
@@ -259,35 +325,31 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
     name = experiment_name()
     with workspace_lock(root):
         overrides = registration(root, overrides, registry)
-        problem = override_problem(root, overrides)
-        if problem:
-            return Failed(message=problem)
         try:
+            params = planned_params(root, overrides)
+            if method not in dvcrun.compared_methods(params):
+                raise StepFailed(f"metric {metric!r}: method {method!r} is not in params.yaml's methods or "
+                                 f"finetune.methods {dvcrun.compared_methods(params)}")
             dvcrun.refuse_if_busy(root)  # before the snapshot: restoring it would undo the other operation's writes
-        except dvcrun.RepositoryBusy as e:
-            return Failed(message=str(e))
-        try:
-            with rollback_on_failure(root):
+            with rollback_on_failure(root, params):
                 apply_params(str(root), overrides)
                 for stage in dvcrun.stages(root):
                     raise_if_failed(run_stage.with_options(retries=stage_retries)(stage, str(root), stage_timeout_s,
                                                                                   return_state=True))
-        except StepFailed as e:
-            return Failed(message=str(e))
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        metrics, references = read_scores(root, dvcrun.compared_methods(params))
+                metrics, references = read_scores(root, dvcrun.compared_methods(params))
+                if registry and (problem := metric_problem(metric, metrics)):
+                    raise StepFailed(problem)
+        except (StepFailed, dvcrun.RepositoryBusy) as e:
+            return failed(str(e))
         saved = save_experiment(str(root), name)
         link_runs(references, root, saved or name)
         pushed = push_outputs(str(root), remote, saved)  # after the rollback scope: a failed push keeps the outputs
-    if method not in references:
-        raise ValueError(f"metric {metric!r}: method {method!r} is not in params.yaml's methods "
-                         f"{dvcrun.compared_methods(params)}")
     tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]
     registered = None
     if registry:
         registered = register_model(tracking_uri, run_id, model_name(method, params["data"]["source"]), metric,
                                     alias, metrics)
-
+    url = run_url(tracking_uri, run_id)
     overridden = " ".join(dvcrun.set_params(overrides)) or "none"
     lines = [f"## Experiment `{saved or name}`", "",
              f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, methods "
@@ -299,7 +361,6 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
                       f"{registered['score']:.4g} ({registered['better']} is better); alias `{alias}` {outcome}."]
     create_markdown_artifact("\n".join(lines), key="udddm-scores", description="scores of one uDDDM experiment")
     create_table_artifact(scores_rows(metrics), key="udddm-scores-table", description="every method's scores")
-    url = run_url(tracking_uri, run_id)
     if url:
         create_link_artifact(url, link_text=f"MLflow run of {method}", key="udddm-mlflow-run",
                              description="the training run, its samples and scores in the MLflow UI")

@@ -22,12 +22,12 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
-from prefect.states import Failed, State
+from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dvcrun
-from flows.experiment import (DEFAULT_METRIC, REPO, experiment, experiment_name, override_problem, register_model,
-                              scores_table)
+from flows.experiment import (DEFAULT_METRIC, REPO, experiment, experiment_name, failed, override_problem,
+                              register_model, scores_table)
 from dddm.registry import is_better, lower_is_better, model_name, resolve_uri, split_metric
 
 DEFAULT_GRID = {"method.udddm.process": ["vp", "ve"], "method.udddm.metric": ["pseudo_huber", "l2"]}
@@ -171,7 +171,7 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
     for point in points:  # every point's overrides checked before any runs: the key-naming message, not DVC's
         problem = override_problem(root, {**(overrides or {}), **point})
         if problem:
-            return Failed(message=f"point {json.dumps(point)}: {problem}")
+            return failed(f"point {json.dumps(point)}: {problem}")
     logger.info("%d grid points, %d at a time", len(points), concurrency)
     rows: list[tuple[dict, dict | None]] = []
     if deployment:
@@ -225,7 +225,7 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
             text += ["", f"### {json.dumps(point) if point else 'params.yaml as it is'}", "",
                      scores_table(result["metrics"])]
     create_markdown_artifact("\n".join(text), key="udddm-sweep", description="comparison of a sweep")
-    failed = [point for point, r in rows if r is None]
-    if failed:
-        return Failed(message=f"{len(failed)} of {len(points)} grid points failed: {json.dumps(failed)}")
+    lost = [point for point, r in rows if r is None]
+    if lost:
+        return failed(f"{len(lost)} of {len(points)} grid points failed: {json.dumps(lost)}")
     return [r for _, r in rows]

@@ -86,3 +86,16 @@ def test_the_import_walk_finds_what_a_stage_uses():
     found = {str(p.relative_to(ROOT)) for p in project_imports("pipeline.train")}
     assert {"pipeline/train.py", "pipeline/common.py", "dddm/training.py", "dddm/methods/ict.py",
             "dddm/store.py" if (ROOT / "dddm/store.py").exists() else "dddm/store/__init__.py"} <= found
+
+
+def test_a_method_matrix_with_no_methods_is_no_flow_task(tmp_path):
+    """`dvc repro finetune` with `finetune.methods: []` runs the whole pipeline: the flows leave it out."""
+    from conftest import tiny_params, write_params
+    from flows.dvcrun import stages
+
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    write_params(tmp_path, tiny_params(finetune={"methods": []}))
+    assert stages(tmp_path) == ["check", "prepare", "classifier", "reference", "train", "sample", "score", "compare",
+                                "register"]
+    write_params(tmp_path, tiny_params())
+    assert "finetune" in stages(tmp_path) and "score_finetuned" in stages(tmp_path)

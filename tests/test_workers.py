@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import copy_repo, run_env, tiny_params, write_params
-from test_flows import QUIET, mlflow_server, prefect_client, prefect_server, start, stop  # noqa: F401 (fixtures)
+from test_flows import (QUIET, mlflow_process, mlflow_server, prefect_client, prefect_server, start,  # noqa: F401 (fixtures)
+                        stop)
 
 pytestmark = pytest.mark.slow
 POINTS = [{"method.udddm.metric": "l2"}, {"method.udddm.metric": "pseudo_huber"}]

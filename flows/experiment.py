@@ -25,9 +25,9 @@ from prefect.states import Failed, State
 
 from dddm.headline import HEADLINE
 from flows import dvcrun
-from dddm.registry import (lower_is_better, model_name, register_if_better, resolve_uri, run_link, run_url,
-                            split_metric)
-from dddm.tracking import tag_run
+from dddm.registry import (REGISTER_LATER, NotRegistered, lower_is_better, model_name, register_if_better,
+                           resolve_uri, run_link, run_url, split_metric)
+from dddm.tracking import TrackingUnavailable, check_reachable, tag_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_METRIC = "udddm/nfe1/fid_classifier"
@@ -266,16 +266,33 @@ def metric_problem(metric: str, metrics: dict) -> str | None:
     return None
 
 
+def tracking_away(uri: str) -> str | None:
+    """Why the MLflow tracking server does not answer (one warning in the flow's log), or None: the flow then ends
+    without tagging, registering or linking its runs, which MLflow's own retries would stall for minutes."""
+    try:
+        check_reachable(uri)
+    except TrackingUnavailable as e:
+        get_run_logger().warning("%s: the runs are not tagged with this flow run nor linked from its artifacts, and "
+                                 "no model is registered (`%s` registers them later)", e, REGISTER_LATER)
+        return str(e)
+    return None
+
+
 @task(name="register-model", task_run_name="register-model")
-def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias: str, metrics: dict) -> dict:
+def register_model(tracking_uri: str, run_id: str, name: str, metric: str, alias: str, metrics: dict) -> dict | None:
     """`metrics`: the experiment's scores per method, the score of this configuration even when DVC
-    restored the score stage from its run-cache (and so logged nothing new to MLflow)."""
+    restored the score stage from its run-cache (and so logged nothing new to MLflow). None, said in one
+    warning, when the model cannot be registered now (a tracking outage)."""
     logger = get_run_logger()
     problem = metric_problem(metric, metrics)
     if problem:
         raise ValueError(problem)
     method, row, key = split_metric(metric)
-    result = register_if_better(tracking_uri, run_id, name, f"{row}/{key}", alias, score=metrics[method][row][key])
+    try:
+        result = register_if_better(tracking_uri, run_id, name, f"{row}/{key}", alias, score=metrics[method][row][key])
+    except NotRegistered as e:
+        logger.warning("%s", e)
+        return None
     logger.info("registered %s version %s (%s = %.6g, %s is better); alias %r %s", name, result["version"],
                 metric, result["score"], result["better"], alias,
                 "moved to it" if result["moved"] else f"stays on version {result['previous_version']} "
@@ -342,19 +359,22 @@ def experiment(overrides: dict[str, Any] | None = None, metric: str = DEFAULT_ME
         except (StepFailed, dvcrun.RepositoryBusy) as e:
             return failed(str(e))
         saved = save_experiment(str(root), name)
-        link_runs(references, root, saved or name)
+        tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]
+        away = tracking_away(tracking_uri)
+        if away is None:
+            link_runs(references, root, saved or name)
         pushed = push_outputs(str(root), remote, saved)  # after the rollback scope: a failed push keeps the outputs
-    tracking_uri, run_id = resolve_uri(references[method]["tracking_uri"], root), references[method]["run_id"]
     registered = None
-    if registry:
+    if registry and away is None:
         registered = register_model(tracking_uri, run_id, model_name(method, params["data"]["source"]), metric,
                                     alias, metrics)
-    url = run_url(tracking_uri, run_id)
+    url = run_url(tracking_uri, run_id) if away is None else None
     overridden = " ".join(dvcrun.set_params(overrides)) or "none"
     lines = [f"## Experiment `{saved or name}`", "",
              f"Overrides: `{overridden}`; dataset `{params['data']['source']}`, methods "
              f"`{', '.join(dvcrun.compared_methods(params))}`.", "",
-             scores_table(metrics), "", f"MLflow run of {method}: {run_link(tracking_uri, run_id)}"]
+             scores_table(metrics), "",
+             f"MLflow run of {method}: {run_link(tracking_uri, run_id) if away is None else f'`{run_id}` ({away})'}"]
     if registered:
         outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
         lines += ["", f"Registry: `{registered['name']}` version {registered['version']}, {metric} = "

@@ -214,9 +214,10 @@ def sweep(grid: dict[str, list] = DEFAULT_GRID, overrides: dict[str, Any] | None
         registered = register_model(run["tracking_uri"], run["run_id"], model_name(method, best["dataset"]), metric,
                                     alias, best["metrics"])
         best["registry"] = registered
-        outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
-        text.append(f"Best: {registered['run_link']}, registered as `{registered['name']}` version "
-                    f"{registered['version']}; alias `{alias}` {outcome}.")
+        if registered:  # None: a tracking outage, said in the task's log
+            outcome = "moved to it" if registered["moved"] else f"stays on version {registered['previous_version']}"
+            text.append(f"Best: {registered['run_link']}, registered as `{registered['name']}` version "
+                        f"{registered['version']}; alias `{alias}` {outcome}.")
     parent = group_runs([r for _, r in rows if r is not None], f"sweep {experiment_name()}")
     if parent:
         text.append(f"MLflow: the points' runs are children of run `{parent}`.")

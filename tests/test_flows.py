@@ -347,6 +347,63 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
     assert "up to date" in dvc(repo, "status")
 
 
+def test_a_tracking_server_that_stops_answering_during_training_costs_no_run(served, mlflow_process):
+    """The issue's trial: the MLflow server stops answering (SIGSTOP: a server starved of CPU) while a served
+    flow trains, and answers again once the train stage has ended. The flow completes: the register stage
+    logs into the run what the outage kept from it (its metrics, the model), then registers it. With the
+    server away at register time, the stage registers nothing, says so in one line, and succeeds."""
+    from mlflow.tracking import MlflowClient
+
+    from prefect.deployments import run_deployment
+
+    repo, client, serve_log = served
+    server, uri = mlflow_process
+    run = run_deployment("udddm-experiment/default", client=client, timeout=0, as_subflow=False,
+                         parameters={"overrides": {"methods": ["udddm"], "train.epochs": 4, "train.batch_size": 64}})
+    mlflow, reference = MlflowClient(uri), repo / "out/train/udddm/mlflow_run.json"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not client.read_flow_run(run.id).state.is_final():  # a loss logged
+            runs = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                      "attributes.start_time > 0", order_by=["attributes.start_time DESC"])
+            if runs and runs[0].data.params.get("train.epochs") == "4" and "loss" in runs[0].data.metrics:
+                break
+            time.sleep(0.2)
+        os.killpg(server.pid, signal.SIGSTOP)
+        while time.time() < deadline and "incomplete" not in (reference.read_text() if reference.is_file() else ""):
+            time.sleep(0.2)
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    incomplete = json.loads(reference.read_text())["incomplete"]
+    assert "queued metrics" in incomplete and "the model ema_model" in incomplete, incomplete
+    while not (run := client.read_flow_run(run.id)).state.is_final() and time.time() < deadline:
+        time.sleep(2)
+    logs = logs_of(client, run.id, until="Finished in state")
+    assert run.state.is_completed(), f"{run.state}\n{logs[-4000:]}"
+    run_id = json.loads(reference.read_text())["run_id"]
+    assert f"MLflow run {run_id} is incomplete" in logs
+    assert re.search(rf"register: udddm: logged into MLflow run {run_id} what a tracking outage kept from it: "
+                     r"\d+ metrics, the model ema_model", logs), logs[-4000:]
+    steps = len((repo / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
+    assert sorted(m.step for m in mlflow.get_metric_history(run_id, "loss")) == list(range(1, steps + 1))
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert any(v.run_id == run_id for v in mlflow.search_model_versions("name = 'udddm-digits'"))
+
+    # the register stage while the server does not answer: one line naming the run and the later command
+    register = expanded_stages(repo)["register"]["cmd"].split()
+    os.killpg(server.pid, signal.SIGSTOP)
+    try:
+        done = subprocess.run([sys.executable, *register[1:-1], str(repo.parent / "registry.json")], cwd=repo,
+                              env=run_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        os.killpg(server.pid, signal.SIGCONT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"register: WARNING: udddm: MLflow run {run_id} not registered: MLflow tracking server "
+                           f"{uri} is unreachable (") and line.endswith("`dvc repro -f register` registers it"), line
+    assert "not_registered" in json.loads((repo.parent / "registry.json").read_text())["registered"]["udddm"]
+
+
 def test_nightly_schedule_creates_runs(prefect_server):
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 

@@ -48,11 +48,15 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def all_nodes_here(tc, endpoint: str | None) -> bool:
+    """Several nodes that are all this machine: a rendezvous on loopback (a rehearsal, the tests)."""
+    return tc.nnodes > 1 and endpoint is not None and is_loopback(endpoint.rpartition(":")[0])
+
+
 def processes_per_machine(tc, endpoint: str | None) -> int:
     """The training processes that share this machine's cores: `train.nproc`, or every node's when all the
-    nodes are this machine (a rendezvous on loopback: a rehearsal, the tests)."""
-    rehearsal = tc.nnodes > 1 and endpoint is not None and is_loopback(endpoint.rpartition(":")[0])
-    return tc.nproc * (tc.nnodes if rehearsal else 1)
+    nodes are this machine."""
+    return tc.nproc * (tc.nnodes if all_nodes_here(tc, endpoint) else 1)
 
 
 def threads_per_process(setting: int | str, processes: int = 1) -> int:

@@ -35,7 +35,7 @@ def main() -> None:
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
     from dddm.config import ConfigError, load_config  # torch, through the methods' registry
-    from dddm.distributed import is_loopback, processes_per_machine, threads_per_process, torchrun_args, use_threads
+    from dddm.distributed import all_nodes_here, processes_per_machine, threads_per_process, torchrun_args, use_threads
 
     try:
         cfg = load_config(PARAMS)
@@ -59,8 +59,7 @@ def main() -> None:
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
-    if tc.nnodes > 1 and is_loopback(rdzv.endpoint.rpartition(":")[0]):
-        # every node is this machine (a rehearsal, the tests): the workers' collectives stay on loopback too
+    if all_nodes_here(tc, rdzv.endpoint):  # the workers' collectives stay on loopback too
         from dddm.rendezvous import loopback_interface
 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())

@@ -100,7 +100,7 @@ from dddm import checkpoint  # noqa: E402
 from dddm.config import merge_params, parse_config  # noqa: E402
 from dddm.curves import LearningCurve, column, curve_steps  # noqa: E402
 from dddm.data import PreparedDataset, prepare_dataset  # noqa: E402
-from dddm.distributed import resolve_device  # noqa: E402
+from dddm.compute import resolve_device  # noqa: E402
 from dddm.finetune import load_initialisation  # noqa: E402
 from dddm.limits import KNOWN_SIZES  # noqa: E402
 from dddm.performance import bf16_autocast  # noqa: E402

@@ -8,138 +8,24 @@ their registries (dddm.methods.METHODS, dddm.processes.PROCESSES): no choice lis
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
-from typing import Annotated, Literal
 
-import yaml
-from pydantic import Field, PositiveInt, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from .data import SOURCES
 from .methods import METHODS, Method
 from .schema import Section, check_choice, registry_section
+from .sections import (ConfigError, DataConfig, FinetuneConfig, LimitsConfig, ModelConfig, RendezvousConfig,
+                       SampleConfig, ScoreConfig, Seed, TrackingConfig, TrainConfig, read_params, validate)
 from .unet import check_architecture
-
-
-class ConfigError(ValueError):
-    """A parameter is missing, unknown, of the wrong type or out of range."""
-
-
-class DataConfig(Section):
-    source: str  # a key of dddm.data.SOURCES
-    path: str | None  # local path or fsspec URL, for the sources that read files
-    image_size: int = Field(ge=8)
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, v: str) -> str:
-        return check_choice("source", v, dict.fromkeys(SOURCES))
-
-
-class ModelConfig(Section):
-    """The U-Net every method trains; how it takes an x0 estimate is the method's (`conditioning`)."""
-
-    base_channels: int = Field(ge=1)
-    channel_mult: tuple[PositiveInt, ...] = Field(min_length=1)
-    num_blocks: int = Field(ge=1)
-    attn_resolutions: tuple[PositiveInt, ...]
-    dropout: float = Field(ge=0.0, lt=1.0)
-    num_heads: int = Field(ge=1)
-
 
 MethodConfig = registry_section("MethodConfig", METHODS)
 SamplerSection = registry_section("SamplerSection", METHODS, "SamplerConfig")
 
 
-class TrainConfig(Section):
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1)  # per process
-    lr: float = Field(gt=0.0, allow_inf_nan=False)
-    warmup_steps: int = Field(ge=0)  # linear lr warm-up; 0 = none
-    grad_clip: float | None = Field(gt=0.0)  # max gradient norm; null = no clipping
-    ema_decay: float = Field(ge=0.0, lt=1.0)
-    bf16: bool  # bf16 autocast on CUDA
-    cpu_bf16: bool  # bf16 autocast on CPUs with native bf16 (dddm/performance.py: faster only at larger widths)
-    compile: bool  # torch.compile the network
-    device: Literal["auto", "cpu", "cuda"]
-    nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
-    nnodes: int = Field(ge=1)  # machines; above 1 torchrun meets the others through `rendezvous`
-    # intra-op threads per process (part of a run's identity: CPU sums depend on it); auto: dddm.distributed
-    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)]
-    log_every: int = Field(ge=1)  # steps per read of the loss to the host (one device sync); also at epoch ends
-    checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
-    checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
-    keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones
-    resume: Literal["auto", "never"]
-    eval_every: int = Field(ge=0)  # epochs between learning-curve points of the EMA model, and one at the end; 0 = none
-    eval_samples: int = Field(ge=2)  # samples per learning-curve point
-
-    @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc
-
-
-class FinetuneConfig(Section):
-    """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
-
-    methods: tuple[str, ...]  # may be empty
-    init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
-    epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
-    lr: float = Field(gt=0.0, allow_inf_nan=False)
-
-
-class RendezvousConfig(Section):
-    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
-    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
-
-    endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
-    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
-
-    @field_validator("endpoint")
-    @classmethod
-    def _host_port(cls, v: str | None) -> str | None:
-        if v is not None:
-            host, _, port = v.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"{v!r} is not host:port (for example node0.cluster:29500)")
-        return v
-
-
-class SampleConfig(Section):
-    num_samples: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-
-
-class ScoreConfig(Section):
-    classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in the classifier stage
-    inception_weights: str | None  # weights-inception-2015-12-05-6726825d.pth: path or fsspec URL; null = hub cache
-    use_inception: Literal["auto", "always", "never"]  # auto: when the weights are found
-    batch_size: int = Field(ge=1)
-    untrained_baseline: bool  # also score the untrained network's 1-step samples, for comparison
-
-    @property
-    def inception_required(self) -> bool | None:
-        return {"auto": None, "always": True, "never": False}[self.use_inception]
-
-
-class TrackingConfig(Section):
-    experiment: str = Field(min_length=1)  # MLflow experiment name
-    grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
-    register_models: bool  # the register stage: each method's model into the MLflow Model Registry
-
-
-class LimitsConfig(Section):
-    """What the check stage lets a run ask of this machine (dddm/limits.py)."""
-
-    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
-    machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
-
-
 class Config(Section):
     """All of params.yaml. No defaults here: params.yaml is the one source of values."""
 
-    seed: int = Field(ge=0, le=2**32 - 1)  # numpy's and every generator's range
+    seed: Seed
     data: DataConfig
     model: ModelConfig
     methods: tuple[str, ...] = Field(min_length=1)  # trained, sampled and scored side by side (dvc.yaml matrix)
@@ -204,8 +90,7 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.train.nnodes > 1 and cfg.rendezvous.endpoint is None:
         raise ConfigError(f"rendezvous.endpoint: required with train.nnodes={cfg.train.nnodes} "
                           "(host:port of the node whose agent hosts the rendezvous, reachable from every node)")
-    if cfg.data.source != "digits" and not cfg.data.path:
-        raise ConfigError(f"data.path: required for data.source={cfg.data.source!r} (a local path or fsspec URL)")
+    cfg.data.check_path()
     _check_finetune(cfg)
 
 
@@ -227,20 +112,6 @@ def _check_finetune(cfg: Config) -> None:
                           f"out/train/edm/model.pt)")
 
 
-def _format(error: ValidationError, source: str) -> str:
-    lines = []
-    for e in error.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        # a validator's own message (pydantic prefixes "Value error, "), with the value unless it names it
-        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
-        shown = "" if e["type"] == "missing" or repr(e["input"]) in msg else f" (got {e['input']!r})"
-        if e["type"] == "extra_forbidden" and len(loc) == 3 and loc[0] == "method" and loc[1] in METHODS \
-                and loc[2] == "store" and not METHODS[loc[1]].uses_store:
-            msg = f"the x0 store is unused by {loc[1]} (only methods that keep per-sample estimates have one)"
-        lines.append(f"{source}: {'.'.join(loc)}: {msg}{shown}")
-    return "\n".join(lines)
-
-
 def merge_params(base: dict, overrides: dict) -> dict:
     """A copy of `base` with the nested `overrides` laid over it (presets, test configurations)."""
     out = copy.deepcopy(base)
@@ -252,19 +123,18 @@ def merge_params(base: dict, overrides: dict) -> dict:
     return out
 
 
+def _unused_store(loc: tuple[str, ...]) -> str | None:
+    if len(loc) == 3 and loc[0] == "method" and loc[1] in METHODS and loc[2] == "store" \
+            and not METHODS[loc[1]].uses_store:
+        return f"the x0 store is unused by {loc[1]} (only methods that keep per-sample estimates have one)"
+    return None
+
+
 def parse_config(raw: dict, source: str = "params") -> Config:
-    """Validate a params mapping (as read from params.yaml) into a Config. Validation goes through
-    JSON so types are strict the way YAML users expect: 3 is a valid float, `'3'` and `true` are not ints."""
+    """Validate a params mapping (as read from params.yaml) into a Config."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    try:
-        text = json.dumps(raw)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: a value is not plain YAML data ({e})") from None
-    try:
-        cfg = Config.model_validate_json(text)
-    except ValidationError as e:
-        raise ConfigError(_format(e, source)) from None
+    cfg = validate(raw, Config, source, _unused_store)
     try:
         _check_consistency(cfg)
     except ConfigError as e:
@@ -272,27 +142,8 @@ def parse_config(raw: dict, source: str = "params") -> Config:
     return cfg
 
 
-def read_yaml(text: str, source: str):
-    """`yaml.safe_load`, refusing anchors and aliases before anything expands them: a params file
-    needs none, and nested aliases (9 levels of 10 make 10^9 values) grow to gigabytes in whatever
-    expands them (json.dumps here, DVC's own reader)."""
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-                raise ConfigError(f"{source}: line {event.start_mark.line + 1}: YAML anchors and aliases (&name, "
-                                  f"*name) are not accepted in a params file; write the values out")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-
-
 def load_config(path: str | Path = "params.yaml") -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: parameter file not found")
-    raw = read_yaml(path.read_text(), str(path)) or {}
-    if isinstance(raw, dict) and "limits" not in raw:
+    raw = read_params(path)
+    if "limits" not in raw:
         raise ConfigError(f"{path}: limits: Field required")
     return parse_config(raw, str(path))
-
-

@@ -185,7 +185,7 @@ def expanded_stages(repo: Path, params: dict | None = None) -> dict[str, dict]:
     `${item.method}` filled in from the params list it names (`${methods}`, `${finetune.methods}`) of `params`
     (default: params.yaml's): the one place the flows learn the pipeline's paths from."""
     stages_ = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    from dddm.config import read_yaml
+    from dddm.sections import read_yaml
 
     if params is None:
         params = read_yaml((repo / "params.yaml").read_text(), str(repo / "params.yaml"))
@@ -260,7 +260,8 @@ def check_sets(params_file: Path, sets: list[str]) -> dict:
     the params the overrides give (applied by DVC's own `-S` code to a copy)."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    from dddm.config import parse_config, read_yaml
+    from dddm.config import parse_config
+    from dddm.sections import read_yaml
 
     check_override_keys(read_yaml(params_file.read_text(), str(params_file)),
                         [s.split("=", 1)[0] for s in sets if not s.startswith(("+", "~"))])

@@ -35,7 +35,7 @@ def environment_problems(cfg: Config) -> list[str]:
     """What params.yaml asks that this machine cannot give; each names the key."""
     import torch
 
-    from dddm.distributed import resolve_device
+    from dddm.compute import resolve_device
     from dddm.limits import Machine, machine_problems, shard_problems
 
     problems = []

@@ -5,7 +5,7 @@ prepared file's fingerprint and the params are unchanged, and its scores are in 
 
 import logging
 
-from .common import start
+from .stage import start
 
 log = logging.getLogger("classifier")
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from .common import PARAMS
+from .stage import PARAMS
 
 POLL_S = 2.0
 READ_ATTEMPTS = 5

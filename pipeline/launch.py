@@ -23,7 +23,8 @@ import re  # noqa: E402
 import runpy  # noqa: E402
 import sys  # noqa: E402
 
-from .common import METHOD_HELP, PARAMS  # noqa: E402
+from .common import METHOD_HELP  # noqa: E402
+from .stage import PARAMS  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +36,8 @@ def main() -> None:
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
     from dddm.config import ConfigError, load_config  # torch, through the methods' registry
-    from dddm.distributed import all_nodes_here, processes_per_machine, threads_per_process, torchrun_args, use_threads
+    from dddm.compute import threads_per_process, use_threads
+    from dddm.distributed import all_nodes_here, processes_per_machine, torchrun_args
 
     try:
         cfg = load_config(PARAMS)

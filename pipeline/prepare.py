@@ -3,7 +3,7 @@
 import json
 from dataclasses import asdict
 
-from .common import start
+from .stage import start
 
 
 def main() -> None:

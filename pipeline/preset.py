@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import PARAMS
+from .stage import PARAMS
 
 
 def parse_assignment(text: str) -> dict:
@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("preset", type=Path, nargs="?", help="a partial params file, e.g. presets/cifar10-vp.yaml")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE, e.g. data.path=/data/cifar-10-python.tar.gz")
     args = ap.parse_args()
-    from dddm.config import ConfigError, merge_params, parse_config, read_yaml  # torch, through the methods' registry
+    from dddm.config import ConfigError, merge_params, parse_config  # torch, through the methods' registry
+    from dddm.sections import read_yaml
 
     overrides: dict = {}
     if args.preset is not None:

@@ -18,7 +18,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from .common import PARAMS
+from .stage import PARAMS
 
 
 def size(path: Path) -> int:

@@ -6,7 +6,7 @@ samples) scored against those statistics, the floor a generator can reach at tha
 import json
 import logging
 
-from .common import start
+from .stage import start
 
 log = logging.getLogger("pipeline.reference")
 
@@ -15,7 +15,7 @@ def main() -> None:
                       out="the reference statistics directory to write", real="the real-data row's metrics JSON")
     from dddm.classifier import HOLDOUT_FRACTION, split_indices
     from dddm.data import PreparedDataset
-    from dddm.distributed import resolve_device
+    from dddm.compute import resolve_device
     from dddm.evaluation import evaluate_samples, headline
     from dddm.scoring import InceptionWeightsMissing, compute_reference_stats
 

@@ -2,7 +2,8 @@
 grid per step count (`sampler.<name>.steps`); the score stage logs both grids and scores to MLflow.
 Samples are written batch by batch as they are generated: memory holds one batch, not all of them."""
 
-from .common import PARAMS, start
+from .common import start
+from .stage import PARAMS
 
 GRID_IMAGES = 64  # as many as dddm.pixels.image_grid shows
 
@@ -13,7 +14,7 @@ def main() -> None:
     import torch
 
     from dddm.checkpoint import CheckpointError, check_trained_with, load_model
-    from dddm.distributed import resolve_device
+    from dddm.compute import resolve_device
     from dddm.integrity import save_samples
     from dddm.pixels import save_grid, to_uint8
     from dddm.sampling import sample_batches

@@ -48,7 +48,7 @@ def main() -> None:
     from dddm.checkpoint import CheckpointError, load_model
     from dddm.data import PreparedDataset
     from dddm.diagnostics import udddm_diagnostics
-    from dddm.distributed import resolve_device
+    from dddm.compute import resolve_device
     from dddm.evaluation import evaluate_samples, headline
     from dddm.integrity import load_samples
     from dddm.methods import UDDDM

@@ -107,6 +107,15 @@ def test_the_import_walk_finds_what_a_stage_uses():
             "dddm/store.py" if (ROOT / "dddm/store.py").exists() else "dddm/store/__init__.py"} <= found
 
 
+@pytest.mark.parametrize("name", ["prepare", "classifier", "reference"])
+def test_the_data_stages_run_no_method_code(name):
+    """Adding or changing a method (dddm/methods, the full params schema, the training's machinery) reruns no
+    data stage: the scoring classifier, whose weights depend on the CPU that trains it, stays."""
+    code = code_deps(re.findall(r"\bpipeline\.\w+", dict(stages())[name]["cmd"]))
+    assert not {"dddm/methods", "dddm/config.py", "dddm/distributed.py", "dddm/training.py", "dddm/unet.py",
+                "pipeline/common.py"} & set(code), code
+
+
 def test_a_method_matrix_with_no_methods_is_no_flow_task(tmp_path):
     """`dvc repro finetune` with `finetune.methods: []` runs the whole pipeline: the flows leave it out."""
     from conftest import tiny_params, write_params

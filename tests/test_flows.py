@@ -323,7 +323,9 @@ def test_served_deployments_run_register_roll_back_and_sweep(served, prefect_ser
                                                             "stage_retries": 0}, serve_log)
     logs = logs_of(client, late.id, until="Finished in state Failed", settle_s=5)
     assert late.state.is_failed() and "stage register failed (exit status" in late.state.message, late.state
-    assert "exited with -9" in late.state.message and "score: " not in late.state.message  # the stage that failed
+    # -9 where DVC's shell ($SHELL, bash) execs the command, 137 where /bin/sh (dash, no $SHELL: CI) forks it
+    assert re.search(r"exited with (-9|137)\b", late.state.message), late.state.message
+    assert "score: " not in late.state.message  # the stage that failed, not an earlier one
     assert "Running stage 'compare'" in logs and "Running stage 'train@ict'" in logs, logs[-4000:]
     assert tree(repo) == before
     assert not (repo / "out/train/ict").exists()

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from conftest import free_port, run_env, stage_command, start_mlflow_server, tiny_params, write_params
 from dddm.checkpoint import load_model
 from dddm.pixels import image_grid
-from dddm.distributed import threads_per_process
+from dddm.compute import threads_per_process
 from dddm.tracking import flatten
 
 pytestmark = pytest.mark.slow

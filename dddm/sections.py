@@ -1,0 +1,216 @@
+"""params.yaml read safely, and its sections that do not depend on the methods.
+
+The data stages (prepare, classifier, reference) read only `DataParams`, so that adding or changing a method
+(dddm/methods, dddm/config.py) reruns no data stage and keeps the scoring classifier: its weights depend on
+the CPU that trains them. The whole file, methods included, is validated by dddm.config (the check stage).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import yaml
+from pydantic import ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from .data import SOURCES
+from .schema import Section, check_choice
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and every generator's range
+
+
+class ConfigError(ValueError):
+    """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+class DataConfig(Section):
+    source: str  # a key of dddm.data.SOURCES
+    path: str | None  # local path or fsspec URL, for the sources that read files
+    image_size: int = Field(ge=8)
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        return check_choice("source", v, dict.fromkeys(SOURCES))
+
+    def check_path(self) -> None:
+        """A rule of the whole section (pydantic would report it without the key's name)."""
+        if self.source != "digits" and not self.path:
+            raise ConfigError(f"data.path: required for data.source={self.source!r} (a local path or fsspec URL)")
+
+
+class ModelConfig(Section):
+    """The U-Net every method trains; how it takes an x0 estimate is the method's (`conditioning`)."""
+
+    base_channels: int = Field(ge=1)
+    channel_mult: tuple[PositiveInt, ...] = Field(min_length=1)
+    num_blocks: int = Field(ge=1)
+    attn_resolutions: tuple[PositiveInt, ...]
+    dropout: float = Field(ge=0.0, lt=1.0)
+    num_heads: int = Field(ge=1)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)  # per process
+    lr: float = Field(gt=0.0, allow_inf_nan=False)
+    warmup_steps: int = Field(ge=0)  # linear lr warm-up; 0 = none
+    grad_clip: float | None = Field(gt=0.0)  # max gradient norm; null = no clipping
+    ema_decay: float = Field(ge=0.0, lt=1.0)
+    bf16: bool  # bf16 autocast on CUDA
+    cpu_bf16: bool  # bf16 autocast on CPUs with native bf16 (dddm/performance.py: faster only at larger widths)
+    compile: bool  # torch.compile the network
+    device: Literal["auto", "cpu", "cuda"]
+    nproc: int = Field(ge=1)  # processes per node (torchrun --nproc_per_node)
+    nnodes: int = Field(ge=1)  # machines; above 1 torchrun meets the others through `rendezvous`
+    # intra-op threads per process (part of a run's identity: CPU sums depend on it); auto: dddm.distributed
+    threads: Literal["auto"] | Annotated[int, Field(ge=1, le=4096)]
+    log_every: int = Field(ge=1)  # steps per read of the loss to the host (one device sync); also at epoch ends
+    checkpoint_every: int = Field(ge=0)  # steps; 0 = only where the store needs one and at the end
+    checkpoint_dir: str = Field(min_length=1)  # runs live in <checkpoint_dir>/<hash of the training configuration>
+    keep_checkpoints: int = Field(ge=1)  # the newest K checkpoints are kept; resume falls back to older ones
+    resume: Literal["auto", "never"]
+    eval_every: int = Field(ge=0)  # epochs between learning-curve points of the EMA model, and one at the end; 0 = none
+    eval_samples: int = Field(ge=2)  # samples per learning-curve point
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc
+
+
+class FinetuneConfig(Section):
+    """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
+
+    methods: tuple[str, ...]  # may be empty
+    init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
+    epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
+    lr: float = Field(gt=0.0, allow_inf_nan=False)
+
+
+class RendezvousConfig(Section):
+    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
+    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
+
+    endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
+    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{v!r} is not host:port (for example node0.cluster:29500)")
+        return v
+
+
+class SampleConfig(Section):
+    num_samples: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class ScoreConfig(Section):
+    classifier_epochs: int = Field(ge=1)  # the offline fallback's feature network, trained in the classifier stage
+    inception_weights: str | None  # weights-inception-2015-12-05-6726825d.pth: path or fsspec URL; null = hub cache
+    use_inception: Literal["auto", "always", "never"]  # auto: when the weights are found
+    batch_size: int = Field(ge=1)
+    untrained_baseline: bool  # also score the untrained network's 1-step samples, for comparison
+
+    @property
+    def inception_required(self) -> bool | None:
+        return {"auto": None, "always": True, "never": False}[self.use_inception]
+
+
+class TrackingConfig(Section):
+    experiment: str = Field(min_length=1)  # MLflow experiment name
+    grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
+    register_models: bool  # the register stage: each method's model into the MLflow Model Registry
+
+
+class LimitsConfig(Section):
+    """What the check stage lets a run ask of this machine (dddm/limits.py)."""
+
+    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
+    machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
+
+
+Explain = Callable[[tuple[str, ...]], "str | None"]  # an unknown key's location -> why it is unknown, if known
+
+
+def format_errors(error: ValidationError, source: str, explain: Explain = lambda loc: None) -> str:
+    lines = []
+    for e in error.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        # a validator's own message (pydantic prefixes "Value error, "), with the value unless it names it
+        msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
+        shown = "" if e["type"] == "missing" or repr(e["input"]) in msg else f" (got {e['input']!r})"
+        if e["type"] == "extra_forbidden":
+            msg = explain(loc) or msg  # a key that is unknown for a reason the schema's owner can say
+        lines.append(f"{source}: {'.'.join(loc)}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def read_yaml(text: str, source: str):
+    """`yaml.safe_load`, refusing anchors and aliases before anything expands them: a params file
+    needs none, and nested aliases (9 levels of 10 make 10^9 values) grow to gigabytes in whatever
+    expands them (json.dumps here, DVC's own reader)."""
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise ConfigError(f"{source}: line {event.start_mark.line + 1}: YAML anchors and aliases (&name, "
+                                  f"*name) are not accepted in a params file; write the values out")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+
+
+class DataParams(Section):
+    """What the data stages read of params.yaml (the other sections are the check stage's to validate)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    seed: Seed
+    data: DataConfig
+    train: TrainConfig
+    sample: SampleConfig
+    score: ScoreConfig
+
+
+def read_params(path: str | Path) -> dict:
+    """params.yaml as a mapping of sections, or a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    raw = read_yaml(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+Params = TypeVar("Params", bound=Section)
+
+
+def validate(raw: dict, schema: type[Params], source: str, explain: Explain = lambda loc: None) -> Params:
+    """Validate a params mapping through JSON, so types are strict the way YAML users expect: 3 is a valid
+    float, `'3'` and `true` are not ints."""
+    try:
+        text = json.dumps(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: a value is not plain YAML data ({e})") from None
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, source, explain)) from None
+
+
+def load_data_params(path: str | Path = "params.yaml") -> DataParams:
+    params = validate(read_params(path), DataParams, str(path))
+    try:
+        params.data.check_path()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return params

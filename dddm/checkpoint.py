@@ -217,15 +217,17 @@ def remove_unfinished(run_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store, keep: int) -> Path:
+def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store, method, keep: int) -> Path:
     final = run_dir / f"ckpt-{step:09d}"
     tmp = run_dir / f"ckpt-{step:09d}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     _write({"world_size": world.world_size, "rng": _rng_state(),
             "store": store.state_dict() if store is not None else None}, tmp / f"rank{world.rank}.pt", step)
     if world.is_main:
+        own = method.training_state()  # (written only where a method has one: a CD target network)
         _write({"step": step, "world_size": world.world_size, "model": net.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / TRAIN_STATE, step)
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **({"method": own} if own else {})},
+               tmp / TRAIN_STATE, step)
     distributed.barrier()
     if world.is_main:
         try:
@@ -248,7 +250,7 @@ def save(run_dir: Path, step: int, world, *, net, ema, opt, sched, store, keep: 
     return final
 
 
-def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
+def restore(path: Path, world, *, net, ema, opt, sched, store, method) -> int:
     """Load a verified checkpoint into the given objects; returns its global step."""
     shared = load_file(path / TRAIN_STATE, "training state")
     if shared["world_size"] != world.world_size:
@@ -260,6 +262,7 @@ def restore(path: Path, world, *, net, ema, opt, sched, store) -> int:
     ema.load_state_dict(shared["ema"])
     opt.load_state_dict(shared["optimizer"])
     sched.load_state_dict(shared["scheduler"])
+    method.load_training_state(shared.get("method", {}))
     if store is not None:
         store.load_state_dict(own["store"])
     torch.set_rng_state(own["rng"]["torch"])
@@ -291,6 +294,8 @@ def training_identity(cfg, method: str) -> dict:
     identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
     if cfg.finetuned(method):
         identity["finetune"] = cfg.finetune.model_dump(mode="json", include={"init_from", "epochs", "lr"})
+        if cfg.finetune.dropout is not None:  # (absent where null: the runs from before the key keep their names)
+            identity["finetune"]["dropout"] = cfg.finetune.dropout
     return identity
 
 

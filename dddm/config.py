@@ -10,13 +10,71 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator
 
 from .methods import METHODS, Method
 from .schema import Section, check_choice, registry_section
-from .sections import (ConfigError, DataConfig, FinetuneConfig, LimitsConfig, ModelConfig, RendezvousConfig,
-                       SampleConfig, ScoreConfig, Seed, TrackingConfig, TrainConfig, read_params, validate)
+from .sections import (ConfigError, DataConfig, SampleConfig, ScoreConfig, Seed, TrainConfig, read_params,
+                       validate)
 from .unet import check_architecture
+
+
+class ModelConfig(Section):
+    """The U-Net every method trains; how it takes an x0 estimate is the method's (`conditioning`)."""
+
+    base_channels: int = Field(ge=1)
+    channel_mult: tuple[PositiveInt, ...] = Field(min_length=1)
+    num_blocks: int = Field(ge=1)
+    attn_resolutions: tuple[PositiveInt, ...]
+    dropout: float = Field(ge=0.0, lt=1.0)
+    num_heads: int = Field(ge=1)
+
+
+class FinetuneConfig(Section):
+    """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
+
+    methods: tuple[str, ...]  # may be empty
+    init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
+    epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
+    lr: float = Field(gt=0.0, allow_inf_nan=False)
+    # the network's dropout while fine-tuning (iCT: 0.3 best on CIFAR-10; cm's CD runs: 0); null = model.dropout
+    dropout: float | None = Field(ge=0.0, lt=1.0)
+    teacher: str = Field(min_length=1)  # the model a distilling method (CD) learns from; a DVC dependency of the
+    # finetune stages, like init_from
+
+
+class RendezvousConfig(Section):
+    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
+    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
+
+    endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
+    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
+
+    @field_validator("endpoint")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _, port = v.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{v!r} is not host:port (for example node0.cluster:29500)")
+        return v
+
+
+class TrackingConfig(Section):
+    experiment: str = Field(min_length=1)  # MLflow experiment name
+    grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
+    register_models: bool  # the register stage: each method's model into the MLflow Model Registry
+
+
+class LimitsConfig(Section):
+    """What the check stage lets a run ask of this machine (dddm/limits.py)."""
+
+    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
+    machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
+
 
 MethodConfig = registry_section("MethodConfig", METHODS)
 SamplerSection = registry_section("SamplerSection", METHODS, "SamplerConfig")
@@ -63,6 +121,12 @@ class Config(Section):
     def lr_of(self, name: str) -> float:
         return self.finetune.lr if self.finetuned(name) else self.train.lr
 
+    def network_of(self, name: str) -> ModelConfig:
+        """The U-Net `name` trains, with the dropout it trains at (`finetune.dropout` for a fine-tuned method)."""
+        if self.finetuned(name) and self.finetune.dropout is not None:
+            return self.model.model_copy(update={"dropout": self.finetune.dropout})
+        return self.model
+
     def method_config(self, name: str) -> Section:
         check_choice("method", name, METHODS)
         return getattr(self.method, name)
@@ -107,6 +171,10 @@ def _check_finetune(cfg: Config) -> None:
     if twice:
         raise ConfigError(f"finetune.methods: {', '.join(twice)} listed twice (in methods or finetune.methods); "
                           f"a method is trained either from scratch or fine-tuned")
+    scratch = [name for name in cfg.methods if METHODS[name].distills_from]
+    if scratch:
+        raise ConfigError(f"methods: {', '.join(scratch)} distil a teacher model (finetune.teacher): list them in "
+                          f"finetune.methods")
     if ft.methods and not ft.init_from:
         raise ConfigError(f"finetune.init_from: required to fine-tune {', '.join(ft.methods)} (a model file, e.g. "
                           f"out/train/edm/model.pt)")

@@ -18,6 +18,7 @@ from .checkpoint import CheckpointError, TrainedModel, load_model
 from .unet import CrossAttention
 
 KEY = "finetune.init_from"
+TEACHER_KEY = "finetune.teacher"
 SHAPE_KEYS = ("base_channels", "channel_mult", "num_blocks", "attn_resolutions", "num_heads")
 
 
@@ -38,34 +39,53 @@ class Initialisation:
         return {"path": self.path, "method": self.method, "images": self.images, "weights_sha256": self.weights_sha256}
 
 
-def check_compatible(cfg, method, trained: TrainedModel, path: str, image_size: int, channels: int) -> None:
-    """Raise InitialisationError naming the first mismatch between the model file and what `method` under
-    `cfg` trains on images of `channels` x `image_size`^2."""
+def check_compatible(cfg, method, trained: TrainedModel, path: str, image_size: int, channels: int,
+                     key: str = KEY) -> None:
+    """Raise InitialisationError naming the first mismatch between the model file at `key` (the model to start
+    from, or the teacher) and what `method` under `cfg` trains on images of `channels` x `image_size`^2."""
     source = trained.method.name
-    if source not in method.starts_from:
-        raise InitialisationError(f"{KEY}: {path} holds a {source} model; {method.name} starts from a model of "
-                                  f"{', '.join(method.starts_from)}")
+    role, families = ("starts from", method.starts_from) if key == KEY else ("distils", method.distills_from)
+    if source not in families:
+        raise InitialisationError(f"{key}: {path} holds a {source} model; {method.name} {role} a model of "
+                                  f"{', '.join(families)}")
     have = (trained.dataset["channels"], trained.dataset["image_size"])
     if have != (channels, image_size):
-        raise InitialisationError(f"{KEY}: {path} was trained on {have[0]}x{have[1]}x{have[1]} images; the prepared "
+        raise InitialisationError(f"{key}: {path} was trained on {have[0]}x{have[1]}x{have[1]} images; the prepared "
                                   f"dataset's are {channels}x{image_size}x{image_size}")
-    for key in SHAPE_KEYS:
-        theirs, ours = getattr(trained.cfg.model, key), getattr(cfg.model, key)
+    for name in SHAPE_KEYS:
+        theirs, ours = getattr(trained.cfg.model, name), getattr(cfg.model, name)
         if theirs != ours:
-            raise InitialisationError(f"{KEY}: {path} has {key} {_shown(theirs)}, model.{key} is {_shown(ours)}")
+            raise InitialisationError(f"{key}: {path} has {name} {_shown(theirs)}, model.{name} is {_shown(ours)}")
 
 
 def _shown(value) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
-def load_initialisation(cfg, method, image_size: int, channels: int) -> Initialisation:
-    path = cfg.finetune.init_from
+def _load_checked(cfg, method, image_size: int, channels: int, key: str) -> TrainedModel:
+    path = cfg.finetune.init_from if key == KEY else cfg.finetune.teacher
     try:
         trained = load_model(path)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
-        raise InitialisationError(f"{KEY}: {e}") from None
-    check_compatible(cfg, method, trained, path, image_size, channels)
+        raise InitialisationError(f"{key}: {e}") from None
+    check_compatible(cfg, method, trained, path, image_size, channels, key)
+    return trained
+
+
+def describe_teacher(cfg, teacher: TrainedModel) -> dict:
+    """What a model file and its MLflow run record of the model it distilled."""
+    return {"path": cfg.finetune.teacher, "method": teacher.method.name, "images": teacher.images,
+            "weights_sha256": teacher.weights_sha256}
+
+
+def load_teacher(cfg, method, image_size: int, channels: int) -> TrainedModel:
+    """The model `method` distils (`finetune.teacher`), checked like the model it starts from; in eval mode."""
+    return _load_checked(cfg, method, image_size, channels, TEACHER_KEY)
+
+
+def load_initialisation(cfg, method, image_size: int, channels: int) -> Initialisation:
+    path = cfg.finetune.init_from
+    trained = _load_checked(cfg, method, image_size, channels, KEY)
     state = trained.net.state_dict()
     return Initialisation(path=str(path), method=trained.method.name, images=trained.images,
                           weights_sha256=trained.weights_sha256, state_dict=state)

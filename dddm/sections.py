@@ -1,8 +1,9 @@
-"""params.yaml read safely, and its sections that do not depend on the methods.
+"""params.yaml read safely, and the sections the data stages read (`DataParams`: seed, data, train, sample,
+score).
 
-The data stages (prepare, classifier, reference) read only `DataParams`, so that adding or changing a method
-(dddm/methods, dddm/config.py) reruns no data stage and keeps the scoring classifier: its weights depend on
-the CPU that trains them. The whole file, methods included, is validated by dddm.config (the check stage).
+The data stages (prepare, classifier, reference) read only these, so that adding or changing a method or
+another section (dddm/methods, dddm/config.py) reruns no data stage and keeps the scoring classifier: its
+weights depend on the CPU that trains them. The whole file is validated by dddm.config (the check stage).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import yaml
-from pydantic import ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from .data import SOURCES
 from .schema import Section, check_choice
@@ -40,17 +41,6 @@ class DataConfig(Section):
         """A rule of the whole section (pydantic would report it without the key's name)."""
         if self.source != "digits" and not self.path:
             raise ConfigError(f"data.path: required for data.source={self.source!r} (a local path or fsspec URL)")
-
-
-class ModelConfig(Section):
-    """The U-Net every method trains; how it takes an x0 estimate is the method's (`conditioning`)."""
-
-    base_channels: int = Field(ge=1)
-    channel_mult: tuple[PositiveInt, ...] = Field(min_length=1)
-    num_blocks: int = Field(ge=1)
-    attn_resolutions: tuple[PositiveInt, ...]
-    dropout: float = Field(ge=0.0, lt=1.0)
-    num_heads: int = Field(ge=1)
 
 
 class TrainConfig(Section):
@@ -81,33 +71,6 @@ class TrainConfig(Section):
         return self.nnodes * self.nproc
 
 
-class FinetuneConfig(Section):
-    """Methods trained from another model's weights rather than from scratch (dvc.yaml's finetune stages)."""
-
-    methods: tuple[str, ...]  # may be empty
-    init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
-    epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
-    lr: float = Field(gt=0.0, allow_inf_nan=False)
-
-
-class RendezvousConfig(Section):
-    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
-    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
-
-    endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
-    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
-
-    @field_validator("endpoint")
-    @classmethod
-    def _host_port(cls, v: str | None) -> str | None:
-        if v is not None:
-            host, _, port = v.rpartition(":")
-            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-                raise ValueError(f"{v!r} is not host:port (for example node0.cluster:29500)")
-        return v
-
-
 class SampleConfig(Section):
     num_samples: int = Field(ge=1)
     batch_size: int = Field(ge=1)
@@ -123,19 +86,6 @@ class ScoreConfig(Section):
     @property
     def inception_required(self) -> bool | None:
         return {"auto": None, "always": True, "never": False}[self.use_inception]
-
-
-class TrackingConfig(Section):
-    experiment: str = Field(min_length=1)  # MLflow experiment name
-    grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
-    register_models: bool  # the register stage: each method's model into the MLflow Model Registry
-
-
-class LimitsConfig(Section):
-    """What the check stage lets a run ask of this machine (dddm/limits.py)."""
-
-    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
-    machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
 
 
 Explain = Callable[[tuple[str, ...]], "str | None"]  # an unknown key's location -> why it is unknown, if known

@@ -22,10 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import checkpoint, distributed, performance, runlock
+from .checkpoint import TrainedModel
 from .config import Config
 from .curves import LearningCurve
 from .data import PreparedDataset
-from .finetune import Initialisation, initialise
+from .finetune import Initialisation, describe_teacher, initialise
 from .methods import Progress
 from .progress import progress as progress_bar
 from .rng import STREAM_EPOCH_ORDER, generator
@@ -64,9 +65,19 @@ def history_fields(terms: tuple[str, ...]) -> tuple[str, ...]:
     return ("step", "epoch", "loss", *terms, "lr", "img_per_s", "store_bytes", *(f"time_{p}" for p in PHASES))
 
 
-def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisation | None = None) -> Path:
+def images_behind(init: Initialisation | None, teacher: TrainedModel | None) -> int:
+    """The training images behind a run's start: its initialisation's and its teacher's (once where the teacher is
+    the model it starts from)."""
+    images = init.images if init is not None else 0
+    if teacher is not None and (init is None or teacher.weights_sha256 != init.weights_sha256):
+        images += teacher.images
+    return images
+
+
+def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisation | None = None,
+                  teacher: TrainedModel | None = None) -> Path:
     """<train.checkpoint_dir>/<method>-<hash>: one directory per method, training configuration, dataset
-    and initialisation (the weights it starts from), so `resume: auto` never continues a run of other
+    initialisation (the weights it starts from) and teacher, so `resume: auto` never continues a run of other
     parameters. The world size and the threads per process count, not how the world is split into nodes and
     processes: 2 nodes x 4 continue what 1 x 8 began (the same ranks, batches and sums)."""
     identity = checkpoint.training_identity(cfg, method)
@@ -76,6 +87,8 @@ def run_directory(cfg: Config, method: str, fingerprint: str, init: Initialisati
     identity["train"]["threads"] = torch.get_num_threads()  # what this process sums with, not the setting
     if init is not None:
         identity["finetune"]["init_weights_sha256"] = init.weights_sha256
+    if teacher is not None:
+        identity["finetune"]["teacher_weights_sha256"] = teacher.weights_sha256
     digest = hashlib.sha256(json.dumps([identity, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
     return Path(cfg.train.checkpoint_dir) / f"{method}-{digest}"
 
@@ -135,20 +148,21 @@ class NullTracker:
 
 def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str | Path, run_dir: str | Path,
           tracker=None, progress: bool = True, init: Initialisation | None = None,
-          curve: LearningCurve | None = None) -> TrainResult:
+          curve: LearningCurve | None = None, teacher: TrainedModel | None = None) -> TrainResult:
     """Train `method_name` per `cfg` on the prepared dataset, from scratch or from `init` (a fine-tuned
-    method); write the final EMA model to out_dir/model.pt. `run_dir` holds checkpoints and the x0 store;
+    method), learning from `teacher` for a method that distills; write the final EMA model to out_dir/model.pt. `run_dir` holds checkpoints and the x0 store;
     with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
     records a learning-curve point every train.eval_every epochs and at the end. One trainer per run_dir: a second one
     raises RunLocked."""
     world = distributed.init(cfg.train.device)
     with runlock.hold(Path(run_dir), world):
-        return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve)
+        return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve,
+                      teacher)
 
 
 def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_dir: str | Path,
            run_dir: str | Path, tracker, progress: bool, init: Initialisation | None,
-           curve: LearningCurve | None) -> TrainResult:
+           curve: LearningCurve | None, teacher: TrainedModel | None) -> TrainResult:
     tracker = tracker if (tracker is not None and world.is_main) else NullTracker()
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     dataset = PreparedDataset(prepared_path)
@@ -158,11 +172,14 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
 
     method = cfg.make_method(method_name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    net = build_network(cfg.model, info.image_size, info.channels, method.conditioning)
+    net = build_network(cfg.network_of(method_name), info.image_size, info.channels, method.conditioning)
     if init is not None:
         initialise(net, init)
     net = net.to(world.device)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    if teacher is not None:
+        teacher.net.to(world.device)
+    method.begin_training(net, teacher)
     opt = method.make_optimizer(net.parameters(), cfg.lr_of(method_name), world.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / tc.warmup_steps)
                                               if tc.warmup_steps else 1.0)
@@ -183,7 +200,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
     history_path = run_dir / "history.jsonl"
     total_steps = cfg.epochs_of(method_name) * steps_per_epoch
     if latest is not None:
-        global_step = checkpoint.restore(latest, world, net=net, ema=ema, opt=opt, sched=sched, store=store)
+        global_step = checkpoint.restore(latest, world, net=net, ema=ema, opt=opt, sched=sched, store=store,
+                                         method=method)
         if global_step < total_steps:
             log.info("resumed from %s at step %d", latest, global_step)
         elif world.is_main:
@@ -203,7 +221,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                       "store_backend": type(store).__name__ if store is not None else "none",
                       "global_batch": str(batch * world.world_size)})
 
-    images_before = init.images if init is not None else 0  # the initialisation's training images
+    images_before = images_behind(init, teacher)
     curve = curve if world.is_main else None
     if curve is not None:
         curve.prepare(dataset.stored_images, info.fingerprint, global_step // steps_per_epoch)
@@ -280,6 +298,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
             opt.step()
             sched.step()
             ema.update_parameters(net)
+            method.end_step(net)
             lap("optimizer")
             if store is not None:
                 store.scatter(idx, out.new_estimates)
@@ -298,7 +317,7 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
                 read_window()
             if save:
                 saved = checkpoint.save(run_dir, global_step, world, net=net, ema=ema, opt=opt, sched=sched,
-                                        store=store, keep=tc.keep_checkpoints)
+                                        store=store, method=method, keep=tc.keep_checkpoints)
         tracker.on_epoch_end(epoch, ema.module)
         done = epoch + 1
         if curve is not None and tc.eval_every and (done % tc.eval_every == 0 or global_step == total_steps):
@@ -311,7 +330,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_model(model_path, cfg, method.name, info, ema.module,
                               images=images_before + cfg.epochs_of(method_name) * info.num_samples,
-                              init=init.describe() if init is not None else None)
+                              init=(init.describe() | ({"teacher": describe_teacher(cfg, teacher)} if teacher else {}))
+                              if init is not None else None)
         lines = history_path.read_text().splitlines() if history_path.exists() else []
         last = json.loads(lines[-1]) if lines else {}  # also after a resume from the final checkpoint
         # the final loss is the stage's metric (`dvc metrics show`); the last step's loss terms and schedule

@@ -64,29 +64,41 @@ def environment_problems(cfg: Config) -> list[str]:
 
 
 def finetune_problems(cfg: Config) -> list[str]:
-    """`finetune.init_from` is a model this run's train stage writes, or an existing compatible model file."""
+    """`finetune.init_from` and, for a method that distils, `finetune.teacher`: a model this run's train stage
+    writes, or an existing compatible model file."""
+    from dddm.finetune import KEY, TEACHER_KEY
+    from dddm.methods import METHODS
+
+    ft = cfg.finetune
+    problems = model_file_problems(cfg, KEY, ft.init_from, list(ft.methods))
+    distilling = [name for name in ft.methods if METHODS[name].distills_from]
+    if distilling:
+        problems += model_file_problems(cfg, TEACHER_KEY, ft.teacher, distilling)
+    return problems
+
+
+def model_file_problems(cfg: Config, key: str, file: str | None, methods: list[str]) -> list[str]:
     from dddm.checkpoint import CheckpointError, load_model
     from dddm.finetune import InitialisationError, check_compatible
     from dddm.methods import METHODS
 
-    ft = cfg.finetune
-    if not ft.methods:
+    if not methods:
         return []
-    path = Path(ft.init_from)
+    path = Path(file)
     producer = next((m for m in METHODS if path == Path(f"out/train/{m}/model.pt")), None)  # dvc.yaml's train outs
     if producer in cfg.methods:
         return []  # the train stage writes it first (a DVC dependency)
     if not path.is_file():
         hint = f"; it is the {producer} train stage's model, but {producer} is not in methods (add it to methods, " \
                f"or name an existing model file)" if producer else ""
-        return [f"finetune.init_from: {path}: model file not found{hint}"]
+        return [f"{key}: {path}: model file not found{hint}"]
     try:
         trained = load_model(path)
-        for name in ft.methods:
+        for name in methods:
             check_compatible(cfg, cfg.make_method(name), trained, str(path), cfg.data.image_size,
-                             trained.dataset["channels"])
+                             trained.dataset["channels"], key)
     except (CheckpointError, InitialisationError, ValueError) as e:
-        return [str(e) if isinstance(e, InitialisationError) else f"finetune.init_from: {e}"]
+        return [str(e) if isinstance(e, InitialisationError) else f"{key}: {e}"]
     return []
 
 

@@ -38,10 +38,11 @@ def table(rows: list[tuple[str, str, dict]]) -> str:
 
 
 def method_label(report: dict) -> str:
-    """The method's name, and where its training started when it was fine-tuned."""
+    """The method's name, and where its training started when it was fine-tuned (and the model it distilled)."""
     init = report["init"]
+    teacher = f", distilling {init['teacher']}'s" if init and "teacher" in init else ""
     return report["method"] if init is None else \
-        f"{report['method']} (from {init['method']}'s model, {init['images']:,} images)"
+        f"{report['method']} (from {init['method']}'s model{teacher}, {init['images']:,} images)"
 
 
 def curves_tsv(curves: dict[str, tuple[list[int], list[dict]]]) -> str:

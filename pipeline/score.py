@@ -73,7 +73,9 @@ def main() -> None:
 
     # what the rows cost: the training images behind the model (its initialisation's included) and where it started
     report: dict = {"method": method.name, "images": trained.images,
-                    "init": {k: trained.init[k] for k in ("path", "method", "images")} if trained.init else None,
+                    "init": {k: trained.init[k] for k in ("path", "method", "images")} |
+                    ({"teacher": trained.init["teacher"]["method"]} if "teacher" in trained.init else {})
+                    if trained.init else None,
                     "rows": []}
     try:
         for steps, path in paths.items():

@@ -1,5 +1,6 @@
 """Stages train and finetune: one method, under torchrun (`python -m pipeline.launch pipeline.train ...`) or
-plain python, from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from`.
+plain python, from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from` (and,
+for a method that distils, learning from the model `finetune.teacher`).
 
 Writes <out>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
 step's loss terms and schedule values, the step count), loss.tsv, curve.tsv (the learning curve, every
@@ -19,12 +20,13 @@ from pathlib import Path  # noqa: E402
 from .common import start  # noqa: E402
 
 
-def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init):
+def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init, teacher):
     """Rank 0's MLflow run (a dddm.tracking.MlflowTracker); a resumed training run keeps logging into the
     run it started."""
     import torch
 
     from dddm import checkpoint
+    from dddm.finetune import describe_teacher
     from dddm.tracking import MlflowTracker, ema_grid_sampler, write_run_reference
 
     run_file = run_dir / "mlflow_run.json"
@@ -34,12 +36,16 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init)
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
     params["train"]["threads"] = torch.get_num_threads()  # the number the run summed with (`auto` resolved)
     if init is not None:
-        params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods"}) | {"init": init.describe()}
+        params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods", "teacher"}) | {"init": init.describe()}
+    if teacher is not None:
+        params["finetune"]["teacher"] = describe_teacher(cfg, teacher)
     process = getattr(cfg.method_config(method.name), "process", None)
     run_name = "-".join(filter(None, [method.name, process, info.source, run_dir.name.rsplit("-", 1)[-1][:8]]))
     tags = {"method": method.name, "dataset": info.source, "dataset_fingerprint": info.fingerprint}
     if init is not None:
         tags["init_from"] = f"{init.path} ({init.method})"
+    if teacher is not None:
+        tags["teacher"] = f"{cfg.finetune.teacher} ({teacher.method.name})"
     if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run` (python -m pipeline.exp) names its experiment to the stages
         tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
     tracker = MlflowTracker(cfg.tracking.experiment, params, tags=tags,
@@ -61,7 +67,7 @@ def main() -> None:
     from dddm.curves import LearningCurve
     from dddm.curves import write_tsv as write_curve_tsv
     from dddm.data import PreparedDataset
-    from dddm.finetune import InitialisationError, load_initialisation
+    from dddm.finetune import InitialisationError, load_initialisation, load_teacher
     from dddm.tracking import TrackingUnavailable, write_run_reference
     from dddm.training import TrainingDiverged, run_directory, train, write_history
 
@@ -69,10 +75,11 @@ def main() -> None:
     method = cfg.make_method(args.method)
     try:  # before anything starts: a model file that does not fit stops the stage, naming the key
         init = load_initialisation(cfg, method, info.image_size, info.channels) if cfg.finetuned(method.name) else None
+        teacher = load_teacher(cfg, method, info.image_size, info.channels) if method.distills_from else None
     except InitialisationError as e:
         raise SystemExit(f"train: {e}")
     world = distributed.init(cfg.train.device)
-    run_dir = run_directory(cfg, method.name, info.fingerprint, init)
+    run_dir = run_directory(cfg, method.name, info.fingerprint, init, teacher)
     identities = distributed.all_gather_objects(run_dir.name)  # the run's identity as every rank's params give it
     if len(set(identities)) > 1:
         differ = ", ".join(f"rank {r}: {name}" for r, name in enumerate(identities) if name != identities[0])
@@ -89,8 +96,9 @@ def main() -> None:
         runlock.acquire(run_dir, world)  # before the MLflow run; held until this process exits
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device, init)
-        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker, init=init, curve=curve)
+            tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device, init, teacher)
+        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker, init=init, curve=curve,
+                       teacher=teacher)
         if tracker:
             write_history(result.history_path, args.out / "loss.tsv", method.terms)
             if curve is not None:

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-METHODS = ("udddm", "ict", "edm", "ect")  # ect: fine-tuned from edm's model
+METHODS = ("udddm", "ict", "edm", "ect", "cd")  # ect, cd: fine-tuned from edm's model (cd distilling it)
 # information, not metrics: they live in report.json and train_info.json, never in a metrics file
 NOT_METRICS = {"feature_network", "num_samples", "num_reference", "inception_weights", "classifier_test_accuracy",
                "is_classifier", "nfe", "steps", "weight", "levels", "guide", "iterative", "class_histogram"}
@@ -49,7 +49,7 @@ def test_exp_show_of_the_committed_default_fits_200_columns():
     lines = shown.stdout.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe35",
-                      "ect.nfe1", "ect.nfe2"]
+                      "ect.nfe1", "ect.nfe2", "cd.nfe1", "cd.nfe2"]
     assert max(len(line) for line in lines) <= 200, shown.stdout
 
 
@@ -102,9 +102,9 @@ def test_the_committed_classifier_is_the_one_every_stage_recorded():
     assert tracked.returncode == 0, tracked.stderr
     digest = hashlib.md5((ROOT / "data/classifier.pt").read_bytes()).hexdigest()
     stages = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
-    # the train stages use it too (learning curves); ECT's stages are the finetune matrix's
+    # the train stages use it too (learning curves); ECT's and CD's stages are the finetune matrix's
     users = {"classifier", "reference", *(f"{stage}@{m}" for m in METHODS[:3] for stage in ("train", "score")),
-             "finetune@ect", "score_finetuned@ect"}
+             *(f"{stage}@{m}" for m in METHODS[3:] for stage in ("finetune", "score_finetuned"))}
     recorded = {name: entry["md5"] for name in users for key in ("deps", "outs")
                 for entry in stages[name].get(key, []) if entry["path"] == "data/classifier.pt"}
     assert recorded.keys() == users and set(recorded.values()) == {digest}

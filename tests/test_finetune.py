@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_params
 from dddm import checkpoint
 from dddm.config import ConfigError, merge_params, parse_config
 from dddm.data import PreparedInfo, prepare_dataset
-from dddm.finetune import InitialisationError, initialise, load_initialisation
+from dddm.finetune import InitialisationError, initialise, load_initialisation, load_teacher
 from dddm.methods.edm import precondition
 from dddm.training import train
 from dddm.unet import build_network
@@ -141,8 +141,66 @@ def test_finetune_params_are_checked_with_the_key_named(tmp_path, monkeypatch):
     parse_config(tiny_params(train={"eval_every": 5}))  # more than tiny's 1 epoch: one point, at the end
     monkeypatch.chdir(tmp_path)
     cfg = parse_config(tiny_params(methods=["udddm", "ict"]))
-    assert finetune_problems(cfg) == ["finetune.init_from: out/train/edm/model.pt: model file not found; it is the edm "
+    assert finetune_problems(cfg) == [f"finetune.{key}: out/train/edm/model.pt: model file not found; it is the edm "
                                       "train stage's model, but edm is not in methods (add it to methods, or name an "
-                                      "existing model file)"]
+                                      "existing model file)" for key in ("init_from", "teacher")]
     assert finetune_problems(parse_config(tiny_params())) == []  # train@edm writes it first
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_cd_distils_its_teacher_and_resumes_its_target_network_bit_identically(edm_model, prepared, tmp_path):
+    tmp, _, _ = edm_model
+
+    def cd_config(epochs):
+        return parse_config(edm_params(tmp, finetune={"methods": ["cd"], "epochs": epochs,
+                                                      "teacher": str(tmp / "edm" / "model.pt")},
+                                       method={"cd": {"mu": 0.9}}, train={"checkpoint_every": 0}))
+
+    def run(epochs, out, run_dir):
+        cfg = cd_config(epochs)
+        cd = cfg.make_method("cd")
+        return train(cfg, "cd", prepared, tmp_path / out, tmp_path / run_dir, progress=False,
+                     init=load_initialisation(cfg, cd, 8, 1), teacher=load_teacher(cfg, cd, 8, 1))
+
+    whole = run(2, "whole", "w")
+    run(1, "half", "h")  # its final checkpoint holds the target network, which a resume must take up
+    resumed = run(2, "resumed", "h")
+    for part in ("net", "ema"):
+        a, b = getattr(whole, part).state_dict(), getattr(resumed, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+    shared = torch.load(checkpoint.latest(tmp_path / "h") / "train_state.pt", weights_only=False)
+    assert set(shared["method"]) == {"target"}
+    model = checkpoint.load_model(tmp_path / "whole" / "model.pt")
+    assert model.init["teacher"]["method"] == "edm" and model.init["teacher"]["path"] == str(tmp / "edm" / "model.pt")
+    assert model.images == 4 * 1797 + 2 * 1797  # the teacher is the model it starts from: its images count once
+
+
+def test_a_teacher_that_does_not_fit_is_named_before_training(edm_model, tmp_path, monkeypatch):
+    from pipeline.check import finetune_problems
+
+    tmp, _, _ = edm_model
+    ect_file = tmp_path / "ect.pt"
+    cfg = parse_config(edm_params(tmp))
+    info = PreparedInfo(**checkpoint.load_model(tmp / "edm" / "model.pt").dataset)
+    checkpoint.save_model(ect_file, cfg, "ect", info, build_network(cfg.model, 8, 1, "none"), images=0)
+    raw = edm_params(tmp, finetune={"methods": ["cd"], "teacher": str(ect_file)})
+    with pytest.raises(InitialisationError, match="finetune.teacher: .*ect.pt holds a ect model; cd distils a model "
+                                                  "of edm"):
+        load_teacher(parse_config(raw), parse_config(raw).make_method("cd"), 8, 1)
+    assert finetune_problems(parse_config(raw)) == [f"finetune.teacher: {ect_file} holds a ect model; cd distils a "
+                                                    f"model of edm"]
+    with pytest.raises(ConfigError, match="methods: cd distil a teacher model"):
+        parse_config(tiny_params(methods=["edm", "cd"], finetune={"methods": ["ect"]}))
+    monkeypatch.chdir(tmp_path)
+    missing = parse_config(edm_params(tmp, finetune={"methods": ["cd"], "teacher": "nope.pt"}))
+    assert finetune_problems(missing) == ["finetune.teacher: nope.pt: model file not found"]
+
+
+def test_finetune_dropout_is_the_fine_tuned_networks_and_part_of_its_run_identity(tmp_path):
+    plain = parse_config(edm_params(tmp_path))
+    tuned = parse_config(edm_params(tmp_path, finetune={"dropout": 0.3}))
+    assert plain.network_of("ect").dropout == plain.model.dropout == tuned.network_of("edm").dropout
+    assert tuned.network_of("ect").dropout == 0.3
+    # null keeps the run directories of before the key; a value is a new configuration
+    assert "dropout" not in checkpoint.training_identity(plain, "ect")["finetune"]
+    assert checkpoint.training_identity(tuned, "ect")["finetune"]["dropout"] == 0.3

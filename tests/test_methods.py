@@ -9,6 +9,7 @@ from conftest import repo_params
 from dddm.config import merge_params, parse_config
 from dddm.methods import EDM, ICT, METHODS, UDDDM, Progress
 from dddm.methods.edm import precondition
+from dddm.methods.cd import cd_sigmas, heun_step
 from dddm.methods.ect import ect_r, ect_stage
 from dddm.methods.ict import discretisation_steps, index_probabilities
 from dddm.processes import karras_sigmas
@@ -199,7 +200,7 @@ def test_ict_loss_matches_the_formula():
     assert out.total.item() == pytest.approx((d / (sigmas[i + 1] - sigmas[i])).mean().item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["ict", "ect"])
+@pytest.mark.parametrize("name", ["ict", "ect", "cd"])
 @pytest.mark.parametrize("steps", [1, 2])
 def test_consistency_samplers_reproduce_gaussian_data_with_an_ideal_consistency_function(name, steps):
     m = make(name)
@@ -227,7 +228,7 @@ def test_samples_depend_on_seed_and_index_not_on_batch_size(name):
 
 
 def test_registry_and_interfaces():
-    assert set(METHODS) == {"udddm", "ict", "edm", "ect"}
+    assert set(METHODS) == {"udddm", "ict", "edm", "ect", "cd"}
     assert all(cls.name == name for name, cls in METHODS.items())  # the key each class's params section has
     assert METHODS["udddm"].uses_store and not any(METHODS[m].uses_store for m in ("ict", "edm", "ect"))
     assert all(make(m).conditioning == "none" for m in ("ict", "edm", "ect"))
@@ -300,3 +301,88 @@ def test_ect_target_gets_no_gradient_and_c_switches_to_pseudo_huber():
     assert huber.total.item() < plain.total.item()  # sqrt(d^2 + c^2) - c < d
     plain.total.backward()
     assert net.w.grad is not None and net.w.grad.item() != 0
+
+
+# ------------------------------------------------------------------------------------------- CD
+
+def test_cd_discretisation_is_cms_karras_grid_from_sigma_max_down():
+    t = cd_sigmas(18, 0.002, 80.0, 7.0)
+    i = torch.arange(18, dtype=torch.float64)
+    cm = (80.0 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7  # karras_diffusion.py's t
+    assert torch.allclose(t, cm) and t[0] == pytest.approx(80.0) and t[-1] == pytest.approx(0.002)
+
+
+def test_cd_heun_step_follows_the_teachers_ode_to_third_order():
+    """On Gaussian data the ideal denoiser's ODE has the closed form x(t) = MU + (x - MU) sqrt((S^2 + t^2) /
+    (S^2 + t0^2)); one Heun step's error shrinks as h^3."""
+    x = torch.tensor([[-1.0, 0.2], [0.7, 2.0]], dtype=torch.float64).view(2, 1, 2, 1)
+
+    def error(h):
+        t, t_next = torch.full((2, 1, 1, 1), 1.0, dtype=torch.float64), torch.full((2, 1, 1, 1), 1.0 - h,
+                                                                                   dtype=torch.float64)
+        exact = MU + (x - MU) * ((S ** 2 + t_next ** 2) / (S ** 2 + t ** 2)).sqrt()
+        return (heun_step(ideal_denoiser, x, t, t_next) - exact).abs().max().item()
+
+    assert error(0.1) < 1e-3 and 6 < error(0.1) / error(0.05) < 10  # third order: a ratio of 8
+
+
+def test_cd_loss_matches_the_formula_with_the_teachers_step_and_the_same_dropout_mask():
+    from types import SimpleNamespace
+
+    m = make("cd")
+    x0, idx = torch.rand(6, 1, 4, 4) * 2 - 1, torch.arange(6)
+    net = LinearDropoutNet()
+    teacher = SimpleNamespace(net=IdealNet(ideal_denoiser, 0.5), method=SimpleNamespace(cfg=SimpleNamespace(
+        sigma_data=0.5)))
+    m.begin_training(net, teacher)
+    torch.manual_seed(3)
+    out = m.loss(net, x0, idx, Progress(0, 10, 100))
+    # by hand, from the same draws and the same mask
+    u, z = uniform_and_noise_per_index(idx, (1, 4, 4), 0, STREAM_TRAIN_NOISE, 0)
+    n = torch.floor(u * 17).long().clamp(max=16)
+    grid = cd_sigmas(18, 0.002, 80.0, 7.0)
+    t, t2 = (grid[j].float().view(-1, 1, 1, 1) for j in (n, n + 1))
+    torch.manual_seed(3)
+    mask = torch.nn.functional.dropout(torch.ones(6, 1, 4, 4), 0.5, training=True)
+
+    def f(x, s):  # the consistency function with F = mask * c_in x * w
+        c_skip = 0.25 / ((s - 0.002) ** 2 + 0.25)
+        c_out, c_in = (s - 0.002) * 0.5 / (s ** 2 + 0.25).sqrt(), 1 / (s ** 2 + 0.25).sqrt()
+        return c_skip * x + c_out * mask * c_in * x * 0.3
+
+    x = x0 + t * z
+    d = (x - ideal_denoiser(x, t)) / t
+    euler = x + d * (t2 - t)
+    x2 = x + (d + (euler - ideal_denoiser(euler, t2)) / t2) * (t2 - t) / 2  # cm's heun_solver
+    expected = (f(x, t) - f(x2, t2)).square().flatten(1).mean(1).mean()  # cm's l2, uniform weighting
+    assert out.total.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out.terms["t_mean"].item() == pytest.approx(t.mean().item())
+    out.total.backward()
+    assert net.w.grad is not None and net.w.grad.item() != 0  # through the student only
+    huber = make("cd", metric="pseudo_huber", huber_scale=0.01)
+    huber.begin_training(net, teacher)
+    torch.manual_seed(3)
+    c = 0.01 * 4  # huber_scale sqrt(16)
+    assert huber.loss(net, x0, idx, Progress(0, 10, 100)).total.item() == pytest.approx(
+        (((f(x, t) - f(x2, t2)).square().flatten(1).sum(1) + c * c).sqrt() - c).mean().item(), rel=1e-4)
+
+
+def test_cd_target_network_is_the_students_moving_average_and_a_checkpoint_keeps_it():
+    from types import SimpleNamespace
+
+    net = LinearDropoutNet(p=0.0)
+    teacher = SimpleNamespace(net=IdealNet(ideal_denoiser, 0.5), method=SimpleNamespace(cfg=SimpleNamespace(
+        sigma_data=0.5)))
+    m = make("cd", mu=0.9)
+    m.begin_training(net, teacher)
+    with torch.no_grad():
+        net.w.fill_(1.3)
+    m.end_step(net)
+    assert m.target.module.w.item() == pytest.approx(0.9 * 0.3 + 0.1 * 1.3)  # mu theta^- + (1 - mu) theta
+    again = make("cd", mu=0.9)
+    again.begin_training(LinearDropoutNet(p=0.0), teacher)
+    again.load_training_state(m.training_state())
+    assert again.target.module.w.item() == pytest.approx(m.target.module.w.item())
+    assert make("cd").training_state() == {}  # mu 0: the target is the student itself
+    with pytest.raises(ValueError, match="finetune.teacher"):
+        make("cd").begin_training(net, None)

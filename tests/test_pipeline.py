@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from conftest import copy_repo, run_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
-METHODS = ("udddm", "ict", "edm", "ect")  # ect: fine-tuned from edm's model
+METHODS = ("udddm", "ict", "edm", "ect", "cd")  # ect, cd: fine-tuned from edm's model (cd distilling it)
 
 
 def dvc(repo, *args):

@@ -6,7 +6,7 @@ Each method is the class CLASSES names in dddm/methods/<name>.py. NAMES lists th
 
 import sys
 
-CLASSES = {"udddm": "UDDDM", "ict": "ICT", "edm": "EDM", "ect": "ECT"}  # params.yaml's name -> its class
+CLASSES = {"udddm": "UDDDM", "ict": "ICT", "edm": "EDM", "ect": "ECT", "cd": "CD"}  # params.yaml's name -> its class
 NAMES = tuple(CLASSES)
 BASE = ("LossOutput", "Method", "Progress")
 
@@ -16,7 +16,7 @@ __all__ = ["METHODS", "NAMES", *CLASSES.values(), *BASE]
 def __getattr__(attribute: str):
     if attribute not in __all__ or attribute == "NAMES":  # (a submodule being imported, among others)
         raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
-    from . import base, ect, edm, ict, udddm  # noqa: F401 - each sets its attribute of this package
+    from . import base, cd, ect, edm, ict, udddm  # noqa: F401 - each sets its attribute of this package
 
     package = sys.modules[__name__]
     found = {cls: getattr(getattr(package, name), cls) for name, cls in CLASSES.items()}

@@ -49,6 +49,7 @@ class Method(ABC):
     uses_store = False  # keeps a per-sample x0 estimate across training (the store is opened only then)
     terms: tuple[str, ...] = ()  # the names of LossOutput.terms, in log order
     starts_from: tuple[str, ...] = ()  # the methods whose models it can be fine-tuned from (finetune.init_from)
+    distills_from: tuple[str, ...] = ()  # the methods whose models it can learn from as a teacher (finetune.teacher)
 
     def __init__(self, cfg: Section, sampler: SamplerConfig, seed: int):
         self.cfg = cfg
@@ -63,6 +64,21 @@ class Method(ABC):
     def make_optimizer(self, params, lr: float, device: torch.device) -> torch.optim.Optimizer:
         """Adam (fused where PyTorch has the kernel): every method's optimizer unless its paper says otherwise."""
         return performance.adam(params, lr, device)
+
+    def begin_training(self, net: torch.nn.Module, teacher=None) -> None:
+        """Before the first step, with the network to train (its initial weights loaded) and, for a method that
+        distills, the teacher (a dddm.checkpoint.TrainedModel on the training device): the networks the loss
+        uses besides the one trained."""
+
+    def end_step(self, net: torch.nn.Module) -> None:
+        """After each optimizer step (a target network's moving average)."""
+
+    def training_state(self) -> dict:
+        """What a checkpoint keeps of the method besides the network, its EMA and the optimizer."""
+        return {}
+
+    def load_training_state(self, state: dict) -> None:
+        """Restore `training_state()` from a checkpoint (after `begin_training`)."""
 
     @abstractmethod
     def loss(self, net, x0: torch.Tensor, indices: torch.Tensor, progress: Progress,

@@ -59,6 +59,13 @@ def main() -> None:
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    if tc.nnodes > 1:
+        from dddm.rendezvous import EndpointError, check_endpoint
+
+        try:
+            check_endpoint(rdzv.endpoint, rdzv.timeout)
+        except EndpointError as e:
+            sys.exit(f"train: {e}")
     if all_nodes_here(tc, rdzv.endpoint):  # the workers' collectives stay on loopback too
         from dddm.rendezvous import loopback_interface
 

@@ -120,6 +120,29 @@ def test_a_node_that_never_comes_ends_in_a_timeout_naming_the_endpoint(tmp_path,
     assert "each other of the train.nnodes=2 nodes `python -m pipeline.follow`" in text
 
 
+def test_an_endpoint_another_server_holds_fails_within_the_timeout_naming_it(tmp_path, shared):
+    """torch's store client waits without a limit on a server that accepts its connection and never answers
+    (651 s with rendezvous.timeout 30): the launcher tests the endpoint first."""
+    pfile = params(tmp_path, "held", nproc=1, nnodes=2, timeout=3)
+    endpoint = yaml.safe_load(pfile.read_text())["rendezvous"]["endpoint"]
+    host, port = endpoint.rsplit(":", 1)
+    out, log = tmp_path / "out", tmp_path / "held.log"
+    with socket.create_server((host, int(port))):  # listens, accepts (the kernel's backlog), never answers
+        start = time.time()
+        agent = launch(shared, pfile, out, log)
+        try:
+            rc = agent.wait(60)
+        finally:
+            agent.kill()
+        took = time.time() - start
+    text = log.read_text()
+    assert rc == 1 and took < 3 + 15, (took, text)  # the timeout, a 2 s grace, the imports
+    assert text.strip().splitlines()[-1] == (
+        f"train: rendezvous.endpoint {endpoint}: something accepts connections there but does not answer as a "
+        "torchrun rendezvous within rendezvous.timeout=3 s (another program holds the port?); choose a free port")
+    assert "Traceback" not in text and not processes_of(out) and not out.exists()
+
+
 def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launched(tmp_path):
     raw = yaml.safe_load(params(tmp_path, "bad", nproc=1, nnodes=2).read_text())
     raw["rendezvous"]["endpoint"] = None

@@ -141,7 +141,7 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
     records a learning-curve point every train.eval_every epochs and at the end. One trainer per run_dir: a second one
     raises RunLocked."""
-    world = distributed.init(cfg.train.device)
+    world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)
     with runlock.hold(Path(run_dir), world):
         return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve)
 

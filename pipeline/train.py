@@ -71,7 +71,7 @@ def main() -> None:
         init = load_initialisation(cfg, method, info.image_size, info.channels) if cfg.finetuned(method.name) else None
     except InitialisationError as e:
         raise SystemExit(f"train: {e}")
-    world = distributed.init(cfg.train.device)
+    world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)
     run_dir = run_directory(cfg, method.name, info.fingerprint, init)
     identities = distributed.all_gather_objects(run_dir.name)  # the run's identity as every rank's params give it
     if len(set(identities)) > 1:
@@ -104,9 +104,12 @@ def main() -> None:
         if tracker:
             tracker.finish("FAILED")
         raise SystemExit(f"train: {e}")
-    except BaseException:
+    except BaseException as e:
         if tracker:
             tracker.finish("FAILED")
+        timeout = distributed.peer_timeout(e, cfg.rendezvous.timeout)
+        if timeout is not None:
+            raise SystemExit(f"train: {timeout}") from None
         raise
     finally:
         distributed.shutdown()

@@ -120,6 +120,7 @@ def test_a_node_that_never_comes_ends_in_a_timeout_naming_the_endpoint(tmp_path,
     assert "each other of the train.nnodes=2 nodes `python -m pipeline.follow`" in text
 
 
+@pytest.mark.slow
 def test_an_endpoint_another_server_holds_fails_within_the_timeout_naming_it(tmp_path, shared):
     """torch's store client waits without a limit on a server that accepts its connection and never answers
     (651 s with rendezvous.timeout 30): the launcher tests the endpoint first."""
@@ -143,6 +144,7 @@ def test_an_endpoint_another_server_holds_fails_within_the_timeout_naming_it(tmp
     assert "Traceback" not in text and not processes_of(out) and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_fails_the_others_within_the_timeout_naming_it(tmp_path, shared):
     """A rank SIGSTOPped: the others' collective waits rendezvous.timeout (not torch's 30 minutes), rank 0 names
     rank 1 in one line, and the launcher ends the stopped worker at once (torchrun's SIGTERM would wait for it)."""

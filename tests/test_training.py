@@ -205,6 +205,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
         kill_launching_group(first, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_two_clones_sharing_a_store_directory_each_keep_their_own_store_file(tmp_path, prepared):
     """Two clones with the same params (run directories of the same name) and one method.udddm.store.directory
     (shared scratch), training at once: the second once deleted the first's live Arrow file ("no checkpoint of

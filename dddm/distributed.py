@@ -119,12 +119,8 @@ TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout"
 CHECK_IN_S = 5  # how long a rank that timed out waits for the others to say they did too
 
 
-class PeerTimeout(RuntimeError):
-    """A collective waited the process group's timeout for a rank that did not answer."""
-
-
-def peer_timeout(error: BaseException, timeout_s: int) -> PeerTimeout | None:
-    """`error` as a PeerTimeout naming the silent ranks when it is a collective's timeout, else None. The live
+def peer_timeout(error: BaseException, timeout_s: int) -> str | None:
+    """When `error` is a collective's timeout, one line naming the ranks that did not answer; else None. The live
     ranks time out together (they entered the collective together) and check in through the process group's
     store; those that do not within CHECK_IN_S are the stopped, hung or lost ones."""
     if not (dist.is_initialized() and isinstance(error, RuntimeError) and any(t in str(error) for t in TIMED_OUT)):
@@ -138,12 +134,12 @@ def peer_timeout(error: BaseException, timeout_s: int) -> PeerTimeout | None:
         deadline = time.monotonic() + CHECK_IN_S
         while silent := [r for r in range(size) if not store.check([f"dddm/timed-out/{r}"])]:
             if time.monotonic() > deadline:
-                return PeerTimeout(f"{waited} for rank(s) {', '.join(map(str, silent))}, which did not answer "
-                                   "(stopped, hung, or its node lost); a rerun resumes from the last checkpoint")
+                return (f"{waited} for rank(s) {', '.join(map(str, silent))}, which did not answer "
+                        "(stopped, hung, or its node lost); a rerun resumes from the last checkpoint")
             time.sleep(0.1)
     except RuntimeError as e:  # the store's host, node 0's agent, is gone too
-        return PeerTimeout(f"{waited}, and the rendezvous store does not answer either ({str(e).splitlines()[0]})")
-    return PeerTimeout(f"{waited} on every rank: one was busy longer than that between collectives")
+        return f"{waited}, and the rendezvous store does not answer either ({str(e).splitlines()[0]})"
+    return f"{waited} on every rank: one was busy longer than that between collectives"
 
 
 def barrier() -> None:

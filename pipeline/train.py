@@ -107,9 +107,9 @@ def main() -> None:
     except BaseException as e:
         if tracker:
             tracker.finish("FAILED")
-        timeout = distributed.peer_timeout(e, cfg.rendezvous.timeout)
-        if timeout is not None:
-            raise SystemExit(f"train: {timeout}") from None
+        silent = distributed.peer_timeout(e, cfg.rendezvous.timeout)
+        if silent is not None:
+            raise SystemExit(f"train: {silent}") from None
         raise
     finally:
         distributed.shutdown()

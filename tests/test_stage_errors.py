@@ -65,6 +65,6 @@ def test_a_full_disk_during_prepare_is_one_line_naming_the_file(tmpfs):
                            "--info", str(full / "prepared.json")], cwd=ROOT, env=run_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1
-    assert done.stderr.splitlines() == [f"prepare: {full / 'prepared.arrow'}: No space left on device while writing it"], \
-        done.stderr[-3000:]
+    said = f"prepare: {full / 'prepared.arrow'}: No space left on device while writing it"
+    assert done.stderr.splitlines() == [said], done.stderr[-3000:]
     assert not list(full.iterdir())  # no partial file

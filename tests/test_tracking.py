@@ -128,8 +128,8 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
 def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(repo_copy, tmp_path):
     """The issue's trial: the server stopped after training; the score stage wrote metrics.json, then its
     TrackingUnavailable failed the stage (and `dvc repro`, and the flow)."""
-    write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, score={"untrained_baseline": False},
-                                        train={"eval_every": 0}, tracking={"grid_every_epochs": 0}))
+    write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
+                                        score={"untrained_baseline": False}, tracking={"grid_every_epochs": 0}))
     server, uri = start_mlflow_server(tmp_path, free_port())
     try:
         for name in ("prepare", "reference", "train@udddm", "sample@udddm"):

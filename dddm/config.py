@@ -46,12 +46,14 @@ class FinetuneConfig(Section):
 
 
 class RendezvousConfig(Section):
-    """Where several nodes' torchrun agents meet (torchrun's c10d backend); unused with train.nnodes: 1.
-    Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
+    """Where several nodes' torchrun agents meet (torchrun's c10d backend; the endpoint and id are unused with
+    train.nnodes: 1), and how long the training processes wait for each other (`timeout`, also with one node and
+    several processes). Not part of a run's identity: moving the rendezvous neither retrains nor restarts a run."""
 
     endpoint: str | None  # host:port that every node reaches; the node whose address it is hosts the store
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # shared by the nodes of one run; the method is appended
-    timeout: int = Field(ge=1)  # seconds to wait for every node to arrive
+    # seconds to wait for every node to arrive, and for every rank in a collective (a stopped or lost rank)
+    timeout: int = Field(ge=1)
 
     @field_validator("endpoint")
     @classmethod

@@ -5,9 +5,11 @@ A plain `python` launch (no torchrun environment) is a world of one with no proc
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -68,8 +70,9 @@ def torchrun_command(nproc: int, **rendezvous) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(nproc, **rendezvous)]
 
 
-def init(device_preference: str = "auto") -> World:
-    """Join the torchrun process group if launched by torchrun, else a world of one."""
+def init(device_preference: str = "auto", timeout_s: int = 600) -> World:
+    """Join the torchrun process group if launched by torchrun, else a world of one. A collective waits
+    `timeout_s` (rendezvous.timeout) for the other ranks, not torch's 30 minutes."""
     lifeline.die_with_launcher()  # again: a worker entry point that did not call it first
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -78,8 +81,37 @@ def init(device_preference: str = "auto") -> World:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return World(rank, world_size, local_rank, device)
+
+
+# how gloo and NCCL say that a collective waited out the process group's timeout (a RuntimeError, no subclass)
+TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+CHECK_IN_S = 5  # how long a rank that timed out waits for the others to say they did too
+
+
+def peer_timeout(error: BaseException, timeout_s: int) -> str | None:
+    """When `error` is a collective's timeout, one line naming the ranks that did not answer; else None. The live
+    ranks time out together (they entered the collective together) and check in through the process group's
+    store; those that do not within CHECK_IN_S are the stopped, hung or lost ones."""
+    if not (dist.is_initialized() and isinstance(error, RuntimeError) and any(t in str(error) for t in TIMED_OUT)):
+        return None
+    rank, size = dist.get_rank(), dist.get_world_size()
+    waited = f"rank {rank} of {size}: a collective waited rendezvous.timeout={timeout_s} s"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=CHECK_IN_S))  # its host may be what is lost
+        store.set(f"dddm/timed-out/{rank}", "1")
+        deadline = time.monotonic() + CHECK_IN_S
+        while silent := [r for r in range(size) if not store.check([f"dddm/timed-out/{r}"])]:
+            if time.monotonic() > deadline:
+                return (f"{waited} for rank(s) {', '.join(map(str, silent))}, which did not answer "
+                        "(stopped, hung, or its node lost); a rerun resumes from the last checkpoint")
+            time.sleep(0.1)
+    except RuntimeError as e:  # the store's host, node 0's agent, is gone too
+        return f"{waited}, and the rendezvous store does not answer either ({str(e).splitlines()[0]})"
+    return f"{waited} on every rank: one was busy longer than that between collectives"
 
 
 def barrier() -> None:

@@ -88,3 +88,28 @@ def stop_with_stage() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stop-with-stage", daemon=True).start()
+
+
+def continue_stopped_workers() -> None:
+    """In torchrun's agent: once a worker has ended, continue (SIGCONT) any that is stopped. When one fails the
+    agent SIGTERMs the others and waits a fixed 30 s before SIGKILL, and a stopped worker (SIGSTOP, a debugger)
+    takes no SIGTERM until it runs again."""
+    import time
+
+    import psutil
+
+    def watch() -> None:
+        me, seen = psutil.Process(), set()
+        while True:
+            workers = me.children()
+            if seen - {w.pid for w in workers}:  # one has ended (the agent reaps its workers)
+                for worker in workers:
+                    try:
+                        if worker.status() == psutil.STATUS_STOPPED:
+                            worker.resume()
+                    except psutil.Error:  # ended meanwhile
+                        pass
+            seen |= {w.pid for w in workers}
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="continue-stopped-workers", daemon=True).start()

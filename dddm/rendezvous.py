@@ -4,7 +4,8 @@
 address whatever host it is given), so a single-machine run would accept connections from the network.
 This backend binds the store's socket to loopback itself and hands it to TCPStore (`master_listen_fd`),
 and points the workers' gloo/NCCL sockets at the loopback interface. torchrun finds it through the
-`torchrun.handlers` entry point in pyproject.toml. Several machines use torchrun's c10d backend instead.
+`torchrun.handlers` entry point in pyproject.toml. Several machines use torchrun's c10d backend instead;
+`check_endpoint` tests its endpoint first.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 
 import psutil
 from torch.distributed import PrefixStore, TCPStore
@@ -19,6 +21,47 @@ from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousI
                                                   RendezvousStoreInfo)
 
 from .distributed import LOOPBACK
+
+
+class EndpointError(RuntimeError):
+    """Nothing at `rendezvous.endpoint` answers as a torchrun rendezvous store."""
+
+
+def check_endpoint(endpoint: str, timeout_s: int) -> None:
+    """Raise EndpointError unless `endpoint` (host:port) is free on this machine (this node's agent will host the
+    store there) or a rendezvous store answers there within `timeout_s`. torch's store client waits without a
+    limit for a server that accepts its connection but never answers its handshake: another program holding the
+    port hung torchrun 651 s with a 30 s timeout."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's server does: TIME_WAIT is free
+        try:
+            s.bind((host, int(port)))
+            return
+        except OSError:
+            pass  # held here, or another machine's address: the agent will connect to it
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+            outcome.append(None)
+        except Exception as e:  # noqa: BLE001 - reported below, naming the endpoint
+            outcome.append(e)
+
+    # a daemon thread: the client's handshake releases the GIL, and a process may exit with it still waiting
+    attempt = threading.Thread(target=connect, daemon=True, name="rendezvous-check")
+    attempt.start()
+    attempt.join(timeout_s + 2)
+    if not outcome:
+        raise EndpointError(f"rendezvous.endpoint {endpoint}: something accepts connections there but does not answer "
+                            f"as a torchrun rendezvous within rendezvous.timeout={timeout_s} s (another program "
+                            f"holds the port?); choose a free port")
+    if outcome[0] is not None:
+        reason = str(outcome[0]).splitlines()[0] if str(outcome[0]) else type(outcome[0]).__name__
+        raise EndpointError(f"rendezvous.endpoint {endpoint}: no rendezvous answered within rendezvous.timeout="
+                            f"{timeout_s} s ({reason}); node 0 (the one running `dvc repro`) hosts it")
 
 
 def loopback_interface() -> str:

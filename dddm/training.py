@@ -30,7 +30,7 @@ from .finetune import Initialisation, describe_teacher, initialise
 from .methods import Progress
 from .progress import progress as progress_bar
 from .rng import STREAM_EPOCH_ORDER, generator
-from .store import open_store, owned_indices, store_path
+from .store import open_store, owned_indices, remove_unused, store_path
 from .unet import build_network
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
     with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
     records a learning-curve point every train.eval_every epochs and at the end. One trainer per run_dir: a second one
     raises RunLocked."""
-    world = distributed.init(cfg.train.device)
+    world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)
     with runlock.hold(Path(run_dir), world):
         return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve,
                       teacher)
@@ -344,14 +344,20 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
 
 
 def _open_store(method, run_dir: Path, resuming: bool, info, shape, seed: int, world):
-    """This rank's x0 store, in the run directory unless the method's `store.directory` says otherwise."""
+    """This rank's x0 store, in the run directory unless the method's `store.directory` says otherwise: there, in a
+    subdirectory of this run directory's own (its name and its absolute path's hash), since two clones with the
+    same params have run directories of the same name and may share that directory (node-local scratch)."""
     sc = method.cfg.store
-    store_dir = Path(sc.directory) / run_dir.name if sc.directory else run_dir / "store"
+    if sc.directory:
+        where = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
+        store_dir = Path(sc.directory) / f"{run_dir.name}-{where}"
+    else:
+        store_dir = run_dir / "store"
     stale = store_path(store_dir, world.rank)
     if not resuming and stale.exists():
         # No checkpoint refers to these estimates (a run that died before its first checkpoint,
         # or resume: never), so they cannot be continued consistently: start afresh, said aloud.
-        log.warning("removing %s: no checkpoint of this run refers to it", stale)
-        stale.unlink()
+        remove_unused(stale)
+        log.warning("removed %s: no checkpoint of this run refers to it", stale)
     return open_store(sc.policy, store_dir, info.num_samples, shape, sc.dtype, seed, info.fingerprint,
                       world.device, world.rank, world.world_size, sc.budget_fraction, resume=resuming)

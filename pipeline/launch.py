@@ -13,7 +13,7 @@ launcher stops with DVC (dddm/lifeline.py: DVC exits on SIGTERM without stopping
 torchrun's agent stops its workers when it is stopped.
 """
 
-from dddm.lifeline import stop_with_stage
+from dddm.lifeline import continue_stopped_workers, stop_with_stage
 
 stop_with_stage()  # before the imports below (torch: seconds), so a stage stopped meanwhile leaves nothing
 
@@ -58,17 +58,30 @@ def main() -> None:
     # method's launcher early never joins the previous one's closing round
     options = torchrun_args(tc.nproc, tc.nnodes, rdzv.endpoint, f"{rdzv.id}-{args.method}", rdzv.timeout)
     # torch's rendezvous registry first: it loads dddm.rendezvous (the loopback plug-in) by its entry point
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import parse_args, run
 
+    if tc.nnodes > 1:
+        from dddm.rendezvous import EndpointError, check_endpoint
+
+        try:
+            check_endpoint(rdzv.endpoint, rdzv.timeout)
+        except EndpointError as e:
+            sys.exit(f"train: {e}")
     if all_nodes_here(tc, rdzv.endpoint):  # the workers' collectives stay on loopback too
         from dddm.rendezvous import loopback_interface
 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
         os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback_interface())
 
+    continue_stopped_workers()  # so that a stopped one takes torchrun's SIGTERM when the others fail
     try:
         run(parse_args([*options, "-m", args.module, "--method", args.method, *args.worker_args]))
+    except ChildFailedError as e:  # each worker has said why on stderr: torchrun's report adds no cause
+        rank, failure = e.get_first_failure()
+        sys.exit(f"train: stopped: rank {rank} (pid {failure.pid}) failed first, "
+                 + (f"by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"))
     except RendezvousError as e:
         sys.exit(f"train: the rendezvous at {rdzv.endpoint} (rendezvous.endpoint) failed: "
                  f"{type(e).__name__}: {e}\nNode 0 runs `dvc repro` and each other of the train.nnodes={tc.nnodes} "

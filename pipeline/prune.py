@@ -51,7 +51,8 @@ def main() -> None:
         current = {run_directory(cfg, m, fingerprint).resolve() for m in cfg.methods}
     else:
         print(f"prune: {args.prepared_info} not found (run the prepare stage), so no directory counts as current")
-    others = sorted((d for d in root.iterdir() if d.is_dir() and d not in current),
+    # resolved: a current run directory that is a symbolic link is still current
+    others = sorted((d for d in root.iterdir() if d.is_dir() and d.resolve() not in current),
                     key=lambda d: d.stat().st_mtime, reverse=True)
     for directory in sorted(current):
         if directory.is_dir():
@@ -60,6 +61,9 @@ def main() -> None:
         print(f"keep {directory} (one of the {args.keep} newest others)")
     freed = 0
     for directory in others[args.keep:]:
+        if directory.is_symlink():  # its target lies outside train.checkpoint_dir: not this command's to remove
+            print(f"keep {directory}: a symbolic link to {directory.resolve()}; remove the two yourself if unused")
+            continue
         bytes_ = size(directory)
         try:
             # a trainer holds the lock file it made; a directory without one gets none (a listing changes nothing)

@@ -6,6 +6,7 @@ run of this evaluation, a child of the method's training run."""
 
 import json
 import logging
+import sys
 
 from .common import start
 
@@ -54,7 +55,7 @@ def main() -> None:
     from dddm.methods import UDDDM
     from dddm.sampling import sample
     from dddm.scoring import InceptionWeightsMissing
-    from dddm.tracking import EvaluationRun
+    from dddm.tracking import EvaluationRun, TrackingUnavailable
 
     device = resolve_device(cfg.train.device)
     try:
@@ -101,14 +102,19 @@ def main() -> None:
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (args.out / "report.json").write_text(json.dumps(report, indent=2))
     sampler = getattr(cfg.sampler, method.name)
-    evaluation = EvaluationRun(args.run, {"sampler": {method.name: sampler.model_dump(mode="json")},
-                                          "sample": cfg.sample.model_dump(mode="json"),
-                                          "score": cfg.score.model_dump(mode="json")})
-    for steps in paths:
-        evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
-    evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
-    evaluation.log_headline(metrics)
-    evaluation.finish()
+    try:
+        evaluation = EvaluationRun(args.run, {"sampler": {method.name: sampler.model_dump(mode="json")},
+                                              "sample": cfg.sample.model_dump(mode="json"),
+                                              "score": cfg.score.model_dump(mode="json")})
+    except TrackingUnavailable as e:  # the scores are written: a tracking outage does not stop the pipeline
+        print(f"score: WARNING: {method.name}: scores not logged to MLflow: {e} (`dvc repro -f score@{method.name}` "
+              "logs them once it answers)", file=sys.stderr)
+    else:
+        for steps in paths:
+            evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
+        evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
+        evaluation.log_headline(metrics)
+        evaluation.finish()
     print(summary(method.name, metrics, feature_network_reason(report["rows"][0], cfg.score)))
 
 

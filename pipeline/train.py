@@ -78,7 +78,7 @@ def main() -> None:
         teacher = load_teacher(cfg, method, info.image_size, info.channels) if method.distills_from else None
     except InitialisationError as e:
         raise SystemExit(f"train: {e}")
-    world = distributed.init(cfg.train.device)
+    world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)
     run_dir = run_directory(cfg, method.name, info.fingerprint, init, teacher)
     identities = distributed.all_gather_objects(run_dir.name)  # the run's identity as every rank's params give it
     if len(set(identities)) > 1:
@@ -112,9 +112,12 @@ def main() -> None:
         if tracker:
             tracker.finish("FAILED")
         raise SystemExit(f"train: {e}")
-    except BaseException:
+    except BaseException as e:
         if tracker:
             tracker.finish("FAILED")
+        silent = distributed.peer_timeout(e, cfg.rendezvous.timeout)
+        if silent is not None:
+            raise SystemExit(f"train: {silent}") from None
         raise
     finally:
         distributed.shutdown()

@@ -120,6 +120,60 @@ def test_a_node_that_never_comes_ends_in_a_timeout_naming_the_endpoint(tmp_path,
     assert "each other of the train.nnodes=2 nodes `python -m pipeline.follow`" in text
 
 
+@pytest.mark.slow
+def test_an_endpoint_another_server_holds_fails_within_the_timeout_naming_it(tmp_path, shared):
+    """torch's store client waits without a limit on a server that accepts its connection and never answers
+    (651 s with rendezvous.timeout 30): the launcher tests the endpoint first."""
+    pfile = params(tmp_path, "held", nproc=1, nnodes=2, timeout=3)
+    endpoint = yaml.safe_load(pfile.read_text())["rendezvous"]["endpoint"]
+    host, port = endpoint.rsplit(":", 1)
+    out, log = tmp_path / "out", tmp_path / "held.log"
+    with socket.create_server((host, int(port))):  # listens, accepts (the kernel's backlog), never answers
+        start = time.time()
+        agent = launch(shared, pfile, out, log)
+        try:
+            rc = agent.wait(60)
+        finally:
+            agent.kill()
+        took = time.time() - start
+    text = log.read_text()
+    assert rc == 1 and took < 3 + 15, (took, text)  # the timeout, a 2 s grace, the imports
+    assert text.strip().splitlines()[-1] == (
+        f"train: rendezvous.endpoint {endpoint}: something accepts connections there but does not answer as a "
+        "torchrun rendezvous within rendezvous.timeout=3 s (another program holds the port?); choose a free port")
+    assert "Traceback" not in text and not processes_of(out) and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_fails_the_others_within_the_timeout_naming_it(tmp_path, shared):
+    """A rank SIGSTOPped: the others' collective waits rendezvous.timeout (not torch's 30 minutes), rank 0 names
+    rank 1 in one line, and the launcher ends the stopped worker at once (torchrun's SIGTERM would wait for it)."""
+    pfile = params(tmp_path, "stopped", nproc=2, nnodes=1, timeout=3)
+    raw = yaml.safe_load(pfile.read_text())
+    raw["train"]["epochs"] = 1000  # still training when stopped
+    pfile.write_text(yaml.safe_dump(raw))
+    out, log = tmp_path / "out", tmp_path / "stopped.log"
+    agent = launch(shared, pfile, out, log)
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "stopped" / "checkpoints").glob("*/history.jsonl")):
+            assert agent.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+        [stopped] = [p for p in processes_of(out) if p.environ().get("RANK") == "1"]
+        stopped.suspend()
+        start = time.time()
+        rc = agent.wait(60)
+        took = time.time() - start
+    finally:
+        agent.kill()
+    text = log.read_text()
+    assert rc == 1 and took < 3 + 15, (took, text)  # the timeout, the others' check-in (5 s), the shutdown
+    assert ("train: rank 0 of 2: a collective waited rendezvous.timeout=3 s for rank(s) 1, which did not answer "
+            "(stopped, hung, or its node lost)") in text, text
+    assert text.strip().splitlines()[-1].startswith("train: stopped: rank 0 (pid "), text
+    assert "Traceback" not in text and not processes_of(out)
+
+
 def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launched(tmp_path):
     raw = yaml.safe_load(params(tmp_path, "bad", nproc=1, nnodes=2).read_text())
     raw["rendezvous"]["endpoint"] = None

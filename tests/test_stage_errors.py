@@ -3,10 +3,11 @@ bad param, a damaged file) are one line, `<stage>: <what is wrong>`, with no tra
 Each stage's own command, as dvc.yaml runs it, in a repository whose stages have not run."""
 
 import subprocess
+import sys
 
 import pytest
 
-from conftest import run_env, stage_command, tiny_params, write_params
+from conftest import ROOT, run_env, stage_command, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +56,15 @@ def test_a_damaged_input_and_a_bad_param_are_one_line_and_debug_shows_the_traceb
     stderr = said(repo, "check")
     assert stderr.splitlines() == ["check: invalid parameters",
                                    "params.yaml: train.lr: Input should be greater than 0 (got -1)"], stderr
+
+
+def test_a_full_disk_during_prepare_is_one_line_naming_the_file(tmpfs):
+    """OSError 28 names no file (it comes from a write to an open one): the stage names the file it wrote."""
+    full = tmpfs("16k")  # the prepared digits take about 120 kB
+    done = subprocess.run([sys.executable, "-m", "pipeline.prepare", "--prepared", str(full / "prepared.arrow"),
+                           "--info", str(full / "prepared.json")], cwd=ROOT, env=run_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1
+    said = f"prepare: {full / 'prepared.arrow'}: No space left on device while writing it"
+    assert done.stderr.splitlines() == [said], done.stderr[-3000:]
+    assert not list(full.iterdir())  # no partial file

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from dddm.store import (ArrowStore, DeviceStore, StoreError, initial_estimates, open_store, owned_indices,
-                        read_store_file, store_path)
+                        read_store_file, remove_unused, store_path)
 
 SHAPE = (2, 4, 4)
 DTYPES = ["float32", "float16", "bfloat16"]
@@ -249,6 +251,28 @@ def test_existing_file_is_never_reinitialised(tmp_path):
         with pytest.raises(StoreError, match="already exists") as err:
             make(tmp_path, policy)
         assert str(store_path(tmp_path / "store")) in str(err.value)
+
+
+def test_a_store_file_another_process_has_open_is_neither_opened_nor_removed(tmp_path):
+    """One writer per store file, whatever run it belongs to: another process's open file is refused, naming it,
+    and left where it is; once that process is gone (its lock with it), it may be removed."""
+    path = store_path(tmp_path / "store")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, test_store as t; from pathlib import Path; "
+         "store = t.make(Path(sys.argv[1]), 'arrow'); print('open', flush=True); sys.stdin.read()", str(tmp_path)],
+        cwd=os.path.dirname(__file__), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "open\n"
+        inode = path.stat().st_ino
+        for attempt in (lambda: make(tmp_path, "arrow", resume=True), lambda: remove_unused(path)):
+            with pytest.raises(StoreError, match="another training process has this store file open") as err:
+                attempt()
+            assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
+        assert path.stat().st_ino == inode
+    finally:
+        holder.communicate("")
+    remove_unused(path)
+    assert not path.exists()
 
 
 def test_checkpoint_must_name_the_same_file(tmp_path):

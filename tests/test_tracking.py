@@ -125,6 +125,27 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert linked["nfe1/fid_classifier"] == (pytest.approx(scores["nfe1"]["fid_classifier"]), evaluation.info.run_id)
 
 
+def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(repo_copy, tmp_path):
+    """The issue's trial: the server stopped after training; the score stage wrote metrics.json, then its
+    TrackingUnavailable failed the stage (and `dvc repro`, and the flow)."""
+    write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
+                                        score={"untrained_baseline": False}, tracking={"grid_every_epochs": 0}))
+    server, uri = start_mlflow_server(tmp_path, free_port())
+    try:
+        for name in ("prepare", "reference", "train@udddm", "sample@udddm"):
+            result = stage(repo_copy, name, uri)
+            assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        kill_server(server)
+    result = stage(repo_copy, "score@udddm", uri)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"score: WARNING: udddm: scores not logged to MLflow: "
+                                                         f"MLflow tracking server {uri} is unreachable"), result.stderr
+    assert "Traceback" not in result.stderr and "score: udddm," in result.stdout  # the summary table
+    assert json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())["nfe1"]["fid_classifier"] > 0
+
+
 def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
     write_params(repo_copy, tiny_params())
     assert stage(repo_copy, "prepare", "").returncode == 0

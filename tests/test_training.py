@@ -205,6 +205,31 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_naming_the_first(
         kill_launching_group(first, tmp_path / "run")
 
 
+@pytest.mark.slow
+def test_two_clones_sharing_a_store_directory_each_keep_their_own_store_file(tmp_path, prepared):
+    """Two clones with the same params (run directories of the same name) and one method.udddm.store.directory
+    (shared scratch), training at once: the second once deleted the first's live Arrow file ("no checkpoint of
+    this run refers to it")."""
+    scratch = tmp_path / "scratch"
+    params = write(tmp_path, tiny_params(train={"epochs": 1000, "batch_size": 128},
+                                         method={"udddm": {"store": {"policy": "arrow", "directory": str(scratch)}}}))
+    runs = [tmp_path / clone / "checkpoints" / "udddm-0123456789abcdef" for clone in ("clone1", "clone2")]
+    trainers = []
+    try:
+        for run_dir in runs:
+            trainers.append(run_worker(params, prepared, run_dir.parent / "out", run_dir, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL, start_new_session=True))
+            wait_for(trainers[-1], lambda: (run_dir / "history.jsonl").exists(), f"{run_dir}'s first step")
+            if len(trainers) == 1:
+                [first] = scratch.glob("*/x0_est-rank0.arrow")
+                inode = first.stat().st_ino
+        assert len(list(scratch.glob("*/x0_est-rank0.arrow"))) == 2
+        assert first.stat().st_ino == inode and trainers[0].poll() is None
+    finally:
+        for trainer, run_dir in zip(trainers, runs):
+            kill_launching_group(trainer, run_dir)
+
+
 @pytest.mark.parametrize("checkpoint_every, policy", [(3, "device"), (3, "arrow"), (0, "arrow")])
 def test_a_nan_loss_inside_a_read_window_stops_naming_its_step_and_the_run_resumes_from_the_checkpoint_before(
         tmp_path, prepared, monkeypatch, checkpoint_every, policy):

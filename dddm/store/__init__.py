@@ -3,7 +3,7 @@ in an Arrow file, read and written by dataset index. The design (ownership, the 
 crash consistency, corruption checks, the file layout) is in docs/store.md."""
 
 from .arrow import ArrowStore
-from .arrow_file import read_store_file
+from .arrow_file import read_store_file, remove_unused
 from .base import EstimateStore
 from .common import StoreError
 from .device import DeviceStore
@@ -12,5 +12,5 @@ from .policy import open_store
 
 __all__ = [
     "ArrowStore", "DeviceStore", "EstimateStore", "StoreError", "initial_estimates", "open_store",
-    "owned_indices", "read_store_file", "store_nbytes", "store_path",
+    "owned_indices", "read_store_file", "remove_unused", "store_nbytes", "store_path",
 ]

@@ -3,6 +3,7 @@ opening and validating it, and reading it with plain pyarrow (docs/store.md, "Fi
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
@@ -166,6 +167,22 @@ def create_store_file(path: Path, meta: dict, dtype: StorageDtype, shape: tuple[
              fmt_bytes(2 * size), -(-n // chunk_rows))
 
 
+def lock_or_refuse(f, path: Path) -> None:
+    """An exclusive lock on the open store file `f`: one writer per file, whatever run or clone it is."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreError(f"{path}: another training process has this store file open (it holds the file's lock); "
+                         "stop it, or give this run another store.directory") from None
+
+
+def remove_unused(path: Path) -> None:
+    """Delete a store file that no process has open (under its lock); StoreError naming it if one has."""
+    with open(path, "rb") as f:
+        lock_or_refuse(f, path)
+        path.unlink()
+
+
 class StoreFile:
     """An opened, validated store file: numpy views of its Arrow buffers over one memory map."""
 
@@ -176,6 +193,8 @@ class StoreFile:
         offsets = self._validate(expected, dtype, shape, n, numel)  # sets meta, file_id, chunk_rows
         self._fh = open(self.path, "r+b" if writable else "rb")
         try:
+            if writable:  # held while open, dropped by the kernel when the holder dies
+                lock_or_refuse(self._fh, self.path)
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
         except Exception:
             self._fh.close()

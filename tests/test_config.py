@@ -88,12 +88,18 @@ def test_geometric_ve_schedule_from_yaml_inf(tmp_path):
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("cifar10-*.yaml")), ids=lambda p: p.stem)
 def test_paper_presets_are_valid_and_match_the_paper(preset):
     overrides = yaml.safe_load(preset.read_text())
+    if preset.stem == "cifar10-cd":  # applied after the EDM preset, whose model it distils
+        overrides = merge(yaml.safe_load((ROOT / "presets/cifar10-edm.yaml").read_text()), overrides)
     cfg = parse_config(merge(repo_params(), merge(overrides, {"data": {"path": "/data/cifar-10-python.tar.gz"}})))
     assert cfg.model.base_channels == 128 and cfg.model.channel_mult == (1, 2, 2, 2)
     global_batch = cfg.train.batch_size * cfg.train.nproc
     if preset.stem == "cifar10-ict":
         assert cfg.methods == ("ict",) and global_batch == 1024 and cfg.train.lr == 1e-4
         assert (cfg.method.ict.s0, cfg.method.ict.s1, cfg.sampler.ict.sigmas) == (10, 1280, (0.821,))
+        return
+    if preset.stem == "cifar10-cd":
+        assert cfg.finetune.methods == ("cd",) and cfg.finetune.lr == 4e-4 and cfg.finetune.dropout == 0.0
+        assert (cfg.method.cd.N, cfg.method.cd.mu) == (18, 0.0) and cfg.finetune.epochs * 50_000 == 800_000 * 512
         return
     if preset.stem == "cifar10-edm":
         assert cfg.methods == ("edm",) and global_batch == 512 and cfg.train.lr == 1e-3

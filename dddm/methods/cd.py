@@ -6,8 +6,11 @@ of a trained diffusion model's probability-flow ODE (the teacher: here the EDM s
 Checked against openai/consistency_models: `cm/karras_diffusion.py` (`consistency_losses` with a teacher,
 its `heun_solver`, `get_scalings_for_boundary_condition`, `stochastic_iterative_sampler`), `scripts/cm_train.py`
 (the student and the target network start from the teacher's weights; the teacher in eval mode) and
-`scripts/launch.sh` (the cd_* runs: `--target_ema_mode fixed --start_ema 0.95 --scale_mode fixed
---start_scales 40 --weight_schedule uniform`, student dropout 0.0). What follows that code exactly:
+`scripts/launch.sh` (the ImageNet-64 cd_* runs: `--target_ema_mode fixed --start_ema 0.95 --scale_mode fixed
+--start_scales 40 --weight_schedule uniform`, student dropout 0.0); and openai/consistency_models_cifar10
+(`configs/cifar10_ve_cd.py`, `launch.sh`, `jcm/losses.py`: CIFAR-10's N 18, no target EMA, i.e. the online
+weights under stop-gradient, dropout 0, RAdam 4e-4 for l2; presets/cifar10-cd.yaml). What follows that code
+exactly:
 - t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1 (descending);
   n uniform on 0..N-2; x = y + t_n z;
 - x' = one Heun step of dx/dt = (x - D(x, t)) / t from t_n to t_{n+1}, D the teacher's denoiser;
@@ -68,7 +71,8 @@ class CD(Method):
         sigma_data: float = Field(gt=0.0, allow_inf_nan=False)  # the teacher's (EDM's 0.5)
         rho: float = Field(gt=0.0, allow_inf_nan=False)
         N: int = Field(ge=2, le=10_000)  # levels of the discretisation (cm's CIFAR-10: 18; ImageNet-64: 40)
-        mu: float = Field(ge=0.0, lt=1.0)  # the target network's decay (cm's ImageNet-64 runs: 0.95; 0 = no EMA)
+        # the target network's decay (CIFAR-10: 0, the online weights; ImageNet-64: 0.95)
+        mu: float = Field(ge=0.0, lt=1.0)
         metric: Literal["l2", "pseudo_huber"]  # cm's l2 (the paper's best: LPIPS, not available here)
         huber_scale: float = Field(gt=0.0, allow_inf_nan=False)  # pseudo_huber's c = huber_scale sqrt(dim) (iCT)
 

@@ -1,6 +1,6 @@
 """The train stage's launcher: torchrun's agent in this process, its options read from params.yaml.
 
-    python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train/udddm
+    python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train
 
 dvc.yaml runs it on the node that runs `dvc repro`. One process on one node (train.nproc 1, train.nnodes 1)
 needs no agent: the worker module runs in this process. With `train.nnodes` > 1 every other node runs
@@ -24,14 +24,16 @@ import runpy  # noqa: E402
 import sys  # noqa: E402
 
 from .common import METHOD_HELP  # noqa: E402
-from .stage import PARAMS  # noqa: E402
+from .stage import PARAMS, dvc_stage_method  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the worker module every process runs (pipeline.train)")
-    ap.add_argument("--method", required=True, help=METHOD_HELP)
+    method = dvc_stage_method()
+    ap.add_argument("--method", default=method, required=method is None,
+                    help=f"{METHOD_HELP}; run by DVC: the method of DVC_STAGE")
     args, args.worker_args = ap.parse_known_args()  # the rest are the worker's own arguments
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")

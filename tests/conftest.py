@@ -90,13 +90,14 @@ def run_env(**extra) -> dict:
 
 
 def stage_command(repo: Path, name: str) -> list[str]:
-    """A stage's command as dvc.yaml declares it (`train@udddm`: a method's), without DVC; the train stage's
-    launcher starts params.yaml's train.nproc workers."""
+    """A stage's command as dvc.yaml declares it (`train@udddm`: a method's, with `--method udddm`, which DVC gives
+    in DVC_STAGE), without DVC; the train stage's launcher starts params.yaml's train.nproc workers."""
     from flows.dvcrun import expanded_stages
 
     declared = expanded_stages(repo)[name]["cmd"].split()
     module = declared.index("-m")
-    return [sys.executable, "-m", *declared[module + 1:]]
+    method = ["--method", name.partition("@")[2]] if "@" in name else []
+    return [sys.executable, "-m", *declared[module + 1:], *method]
 
 
 def copy_repo(dest: Path, outputs: bool = False) -> Path:

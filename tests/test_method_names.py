@@ -10,8 +10,9 @@ import copy
 import pytest
 import yaml
 
-from conftest import copy_repo, tiny_params, write_params
-from test_refused_before_deletion import left_running, repro, state
+from conftest import copy_repo, left_running, repro, state, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
 
 BAD = "udddm; touch M #"
 

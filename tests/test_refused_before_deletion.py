@@ -5,64 +5,20 @@ or file in one line; params.yaml, dvc.lock, data/ and out/ are left as they were
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from conftest import copy_repo, run_env
+from conftest import copy_repo, left_running, repro, state
 
-# `dvc repro` in a session of its own, reporting its time and the largest resident memory of any process
-# under it (ru_maxrss of the waited-for descendants: DVC, its shell, the stage's Python)
-RUN = """
-import json, resource, subprocess, sys, time
-start = time.monotonic()
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"rc": done.returncode, "s": time.monotonic() - start, "stderr": done.stdout + done.stderr,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
-"""
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     return copy_repo(tmp_path_factory.mktemp("repo"), outputs=True)
-
-
-def state(repo: Path) -> dict[str, str]:
-    """sha256 of params.yaml, dvc.lock and every file under data/ and out/."""
-    files = [repo / "params.yaml", repo / "dvc.lock",
-             *(p for d in ("data", "out") for p in sorted((repo / d).rglob("*")) if p.is_file())]
-    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-
-
-def left_running(repo: Path) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cwd", "cmdline"]):
-        if proc.info["cwd"] == str(repo):
-            found.append(" ".join(proc.info["cmdline"] or []))
-    return found
-
-
-def repro(repo: Path, *args: str, limit_s: float = 60) -> dict:
-    """`dvc repro *args` in `repo`: what RUN reports. Past `limit_s` (a stage that hangs, as a FIFO made the
-    prepare stage) its whole session is killed and the test fails."""
-    proc = subprocess.Popen([sys.executable, "-c", RUN, sys.executable, "-m", "dvc", "repro", *args], cwd=repo,
-                            env=run_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=limit_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"dvc repro {' '.join(args)} still ran after {limit_s} s")
-    return json.loads(out)
 
 
 def params(repo: Path, **sections) -> str:

@@ -34,6 +34,7 @@ FORMAT = "dddm-classifier-v1"
 # the pipeline keeps the file in git (dvc.yaml): the committed one is a remedy, retraining the other
 RETRAIN = "restore it from git (`git checkout -- {path}`) or retrain it (`dvc repro -f classifier`)"
 MIN_SIZE, MAX_SIZE = 8, 64
+FEATURE_DIM = 128  # the classifier stage's: a Frechet distance in its space needs FEATURE_DIM + 1 samples
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -49,7 +50,7 @@ class SmallClassifier(nn.Module):
     Linear(feature_dim, num_classes)."""
 
     def __init__(self, in_channels: int, image_size: int, num_classes: int, *, width: int = 32,
-                 feature_dim: int = 128, dropout: float = 0.1):
+                 feature_dim: int = FEATURE_DIM, dropout: float = 0.1):
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels: expected 1 or 3, got {in_channels}")
@@ -122,7 +123,7 @@ def accuracy(model: SmallClassifier, images: torch.Tensor, labels: torch.Tensor,
 
 def train_classifier(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, num_classes: int, *,
                      epochs: int = 15, batch_size: int = 64, seed: int = 0, holdout_fraction: float = HOLDOUT_FRACTION,
-                     lr: float = 2e-3, width: int = 32, feature_dim: int = 128,
+                     lr: float = 2e-3, width: int = 32, feature_dim: int = FEATURE_DIM,
                      progress: bool = True) -> tuple[SmallClassifier, float]:
     """Train a `SmallClassifier` on (N, C, H, W) images (uint8 or float in [-1, 1]) and int labels.
 

@@ -38,7 +38,7 @@ class FinetuneConfig(Section):
     methods: tuple[str, ...]  # may be empty
     init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
     epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
-    lr: float = Field(gt=0.0, allow_inf_nan=False)
+    lr: float = Field(gt=0.0)
     # the network's dropout while fine-tuning (iCT: 0.3 best on CIFAR-10; cm's CD runs: 0); null = model.dropout
     dropout: float | None = Field(ge=0.0, lt=1.0)
     teacher: str = Field(min_length=1)  # the model a distilling method (CD) learns from; a DVC dependency of the
@@ -66,7 +66,7 @@ class RendezvousConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = Field(min_length=1)  # MLflow experiment name
+    experiment: str = Field(min_length=1, max_length=500)  # MLflow experiment name (MLflow takes at most 500)
     grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
     register_models: bool  # the register stage: each method's model into the MLflow Model Registry
 
@@ -74,7 +74,7 @@ class TrackingConfig(Section):
 class LimitsConfig(Section):
     """What the check stage lets a run ask of this machine (dddm/limits.py)."""
 
-    max_hours: float = Field(gt=0.0, allow_inf_nan=False)  # estimated training or sampling time per method
+    max_hours: float = Field(gt=0.0)  # estimated training or sampling time per method
     machine: Literal["enforce", "ignore"]  # ignore: no memory, disk or time estimates (a bigger machine runs it)
 
 

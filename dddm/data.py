@@ -29,8 +29,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import posixpath
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -93,9 +95,28 @@ def prepare_dataset(source: str, path: str | None, image_size: int, out_path: st
     return _write(images, labels, source, Path(out_path))
 
 
+def local_path_problem(source: str, path: str | None) -> str | None:
+    """Why a local `path` that exists cannot be `source`'s input, or None. A FIFO or a device (/dev/zero) would
+    block or never end the prepare stage's read, after DVC has deleted its outputs; the check stage asks this
+    first. A missing path or a URL is left to the prepare stage (a clone may hold the prepared file without
+    the source)."""
+    if source == "digits" or not path or fsspec.utils.get_protocol(path) not in ("file", "local"):
+        return None
+    try:
+        mode = os.stat(fsspec.core.url_to_fs(path)[1]).st_mode
+    except OSError:
+        return None
+    if stat.S_ISDIR(mode) or (stat.S_ISREG(mode) and source == "cifar10"):
+        return None
+    kind = "a file" if stat.S_ISREG(mode) else "not a regular file or directory (a FIFO, device or socket)"
+    return f"{path} is {kind}; data.source {source} reads {'an archive or ' if source == 'cifar10' else ''}a directory"
+
+
 def _locate(source: str, path: str | None) -> tuple[fsspec.AbstractFileSystem, str]:
     if not path:
         raise DataError(f"{source}: a path is required (a local path or fsspec URL)")
+    if (why := local_path_problem(source, path)) is not None:
+        raise DataError(f"{source}: {why}")
     try:
         fs, root = fsspec.core.url_to_fs(str(path))
         exists = fs.exists(root)

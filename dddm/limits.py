@@ -180,10 +180,21 @@ def machine_problems(cfg, machine: Machine) -> list[str]:
             problems.append(f"sample.num_samples: {cfg.sample.num_samples} samples x {nfe} network evaluations for "
                             f"{name} would take about {fmt_hours(sample_time)} here (limits.max_hours is "
                             f"{cfg.limits.max_hours:g})")
+        if tc.eval_every:  # the learning curve samples inside the training process, its rows at most the sampler's
+            points = cfg.epochs_of(name) // tc.eval_every + 1
+            curve_time = points * tc.eval_samples * sample_sets * nfe * forward_flops / machine.flop_rate
+            if curve_time > limit:
+                problems.append(f"train.eval_samples: {points} learning-curve points of {tc.eval_samples} samples x up "
+                                f"to {sample_sets * nfe} network evaluations for {name} would take about "
+                                f"{fmt_hours(curve_time)} here (limits.max_hours is {cfg.limits.max_hours:g})")
     score_memory = cfg.sample.num_samples * image_bytes * 5  # uint8 samples and their float copy
     if score_memory > machine.memory:
         problems.append(f"sample.num_samples: scoring {cfg.sample.num_samples} samples holds about "
                         f"{fmt_bytes(score_memory)} in memory; {fmt_bytes(machine.memory)} is available")
+    curve_memory = tc.eval_samples * image_bytes * 8 if tc.eval_every else 0  # float32 batches and their concatenation
+    if curve_memory > machine.memory:
+        problems.append(f"train.eval_samples: each learning-curve point holds {tc.eval_samples} samples, about "
+                        f"{fmt_bytes(curve_memory)} in memory; {fmt_bytes(machine.memory)} is available")
     for free, needed, keys, where in disk.values():
         if needed > free:
             largest = max(keys, key=keys.get)

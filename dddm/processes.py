@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from typing import Annotated
 
 import torch
 from pydantic import Field, model_validator
 
-from .schema import Section
+from .schema import Section, at_most
 
 # The paper's pseudo-Huber constant c per process (uDDDM, Sec. 4).
 PAPER_HUBER_C = {"vp": 0.00014, "ve": 0.00015}
+# T's bound: a process's schedule is a float64 table of T values, built wherever the method is (every method
+# stage and the check): 8 MB at 10^6, where T = 2 * 10^9 made the check allocate 16 GB. The paper's: 1000, 8000.
+Timesteps = Annotated[int, Field(ge=2), at_most(10**6, "the schedule is a table of T values, built by every stage")]
 
 
 def vp_alpha_bar(T: int, beta_min: float, beta_max: float) -> torch.Tensor:
@@ -91,7 +95,7 @@ class VP(NoiseProcess):
     name = "vp"
 
     class Config(Section):
-        T: int = Field(ge=2)
+        T: Timesteps
         beta_min: float = Field(gt=0.0, lt=1.0)
         beta_max: float = Field(gt=0.0, lt=1.0)
 
@@ -133,10 +137,10 @@ class VE(NoiseProcess):
     name = "ve"
 
     class Config(Section):
-        T: int = Field(ge=2)
+        T: Timesteps
         sigma_min: float = Field(gt=0.0)
         sigma_max: float = Field(gt=0.0)
-        rho: float = Field(gt=0.0)  # .inf: the geometric schedule
+        rho: float = Field(gt=0.0, allow_inf_nan=True)  # .inf: the geometric schedule
 
         @model_validator(mode="after")
         def _ordered(self):

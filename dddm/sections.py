@@ -20,6 +20,7 @@ from .data import SOURCES
 from .schema import Section, check_choice
 
 
+MAX_PARAMS_CHARS = 1 << 20  # 1 MB of text; this project's params.yaml is 10 kB
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's and every generator's range
 
 
@@ -46,7 +47,7 @@ class DataConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)  # per process
-    lr: float = Field(gt=0.0, allow_inf_nan=False)
+    lr: float = Field(gt=0.0)
     warmup_steps: int = Field(ge=0)  # linear lr warm-up; 0 = none
     grad_clip: float | None = Field(gt=0.0)  # max gradient norm; null = no clipping
     ema_decay: float = Field(ge=0.0, lt=1.0)
@@ -88,6 +89,7 @@ class ScoreConfig(Section):
         return {"auto": None, "always": True, "never": False}[self.use_inception]
 
 
+SHOWN = 200  # characters of a refused value that an error shows
 Explain = Callable[[tuple[str, ...]], "str | None"]  # an unknown key's location -> why it is unknown, if known
 
 
@@ -97,7 +99,10 @@ def format_errors(error: ValidationError, source: str, explain: Explain = lambda
         loc = tuple(str(p) for p in e["loc"])
         # a validator's own message (pydantic prefixes "Value error, "), with the value unless it names it
         msg = str(e["ctx"]["error"]) if e["type"] == "value_error" else e["msg"]
-        shown = "" if e["type"] == "missing" or repr(e["input"]) in msg else f" (got {e['input']!r})"
+        got = repr(e["input"])
+        if len(got) > SHOWN:  # a value of megabytes would be the whole message
+            got = f"{got[:SHOWN]}... ({len(got)} characters)"
+        shown = "" if e["type"] == "missing" or repr(e["input"]) in msg else f" (got {got})"
         if e["type"] == "extra_forbidden":
             msg = explain(loc) or msg  # a key that is unknown for a reason the schema's owner can say
         lines.append(f"{source}: {'.'.join(loc)}: {msg}{shown}")
@@ -105,17 +110,50 @@ def format_errors(error: ValidationError, source: str, explain: Explain = lambda
 
 
 def read_yaml(text: str, source: str):
-    """`yaml.safe_load`, refusing anchors and aliases before anything expands them: a params file
-    needs none, and nested aliases (9 levels of 10 make 10^9 values) grow to gigabytes in whatever
-    expands them (json.dumps here, DVC's own reader)."""
+    """`yaml.safe_load`, refusing what DVC refuses or what would cost gigabytes in whatever reads the file
+    (json.dumps here, DVC's own reader), before anything is built from it:
+    - a text above MAX_PARAMS_CHARS (1 MB): parsing YAML takes about 20 times its size in memory (a 50 MB file
+      took 1.1 GB);
+    - anchors and aliases: a params file needs none, and nested aliases (9 levels of 10 make 10^9 values)
+      grow to gigabytes;
+    - a key given twice in one mapping: YAML keeps the last silently, DVC's reader refuses the file, after
+      the check stage would have passed it."""
+    if len(text) > MAX_PARAMS_CHARS:
+        raise ConfigError(f"{source}: larger than {MAX_PARAMS_CHARS >> 20} MB, the most a params file may be "
+                          f"(this project's is 10 kB); refused unparsed")
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
                 raise ConfigError(f"{source}: line {event.start_mark.line + 1}: YAML anchors and aliases (&name, "
                                   f"*name) are not accepted in a params file; write the values out")
-        return yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            _refuse_duplicate_keys(node, source)
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML's composer recurses per level: some thousand `[` exhaust Python's stack
+        raise ConfigError(f"{source}: nested too deeply to be a params file") from None
+
+
+def _refuse_duplicate_keys(root: yaml.Node | None, source: str) -> None:
+    todo = [((), root)]  # (key path, node); a tree, since aliases are refused first
+    while todo:
+        path, node = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in seen:
+                    raise ConfigError(f"{source}: line {key.start_mark.line + 1}: {'.'.join((*path, name))} is "
+                                      f"given twice (YAML would keep the last, DVC refuses the file); keep one")
+                seen.add(name)
+                todo.append(((*path, str(name)), value))
+        elif isinstance(node, yaml.SequenceNode):
+            todo += [((*path, str(i)), item) for i, item in enumerate(node.value)]
 
 
 class DataParams(Section):
@@ -135,7 +173,9 @@ def read_params(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
-    raw = read_yaml(path.read_text(), str(path)) or {}
+    with open(path, encoding="utf-8") as f:
+        text = f.read(MAX_PARAMS_CHARS + 1)  # enough for read_yaml to refuse a larger file, without reading it all
+    raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     return raw

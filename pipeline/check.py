@@ -36,9 +36,12 @@ def environment_problems(cfg: Config) -> list[str]:
     import torch
 
     from dddm.compute import resolve_device
+    from dddm.data import local_path_problem
     from dddm.limits import Machine, machine_problems, shard_problems
 
     problems = []
+    if (why := local_path_problem(cfg.data.source, cfg.data.path)) is not None:
+        problems.append(f"data.path: {why}")
     tc = cfg.train
     if tc.device == "cuda" and not torch.cuda.is_available():
         return ["train.device: 'cuda' but no CUDA device is available (use auto or cpu)"]
@@ -57,10 +60,31 @@ def environment_problems(cfg: Config) -> list[str]:
         if (why := unwritable(Path(directory))) is not None:
             problems.append(f"{key}: {directory} is not a writable directory ({why})")
     problems += shard_problems(cfg)
+    problems += sample_count_problems(cfg)
     problems += finetune_problems(cfg)
     if problems or cfg.limits.machine == "ignore":
         return problems
     return machine_problems(cfg, Machine.here(device))
+
+
+def sample_count_problems(cfg: Config) -> list[str]:
+    """Too few samples for the Frechet distance the score stage and the learning curve compute (the covariance
+    of d features needs d + 1): found here, not after DVC has deleted the train or sample stage's outputs."""
+    from dddm.classifier import FEATURE_DIM
+    from dddm.scoring import INCEPTION_FID_LAYER, check_count
+
+    counts = [("sample.num_samples", cfg.sample.num_samples, FEATURE_DIM, "scoring classifier")]
+    if cfg.score.use_inception == "always":
+        counts.append(("sample.num_samples", cfg.sample.num_samples, int(INCEPTION_FID_LAYER), "Inception"))
+    if cfg.train.eval_every:
+        counts.append(("train.eval_samples", cfg.train.eval_samples, FEATURE_DIM, "scoring classifier"))
+    problems = []
+    for key, n, dim, network in counts:
+        try:
+            check_count(n, dim, name=key, network=network)
+        except ValueError as e:
+            problems.append(str(e))
+    return problems
 
 
 def finetune_problems(cfg: Config) -> list[str]:

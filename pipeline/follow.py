@@ -11,6 +11,7 @@ whose torchrun agent meets node 0's at rendezvous.endpoint.
 """
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def main() -> None:
             print(f"follow: {name}: up to date, node 0 skips it", flush=True)
             continue
         print(f"follow: {name}: joining node 0: {stage.cmd}", flush=True)
-        done = subprocess.run([sys.executable, *shlex.split(stage.cmd)[1:]], cwd=repo.root_dir)
+        # DVC_STAGE as DVC sets it: the launcher reads its method there (dvc.yaml's commands do not name it)
+        done = subprocess.run([sys.executable, *shlex.split(stage.cmd)[1:]], cwd=repo.root_dir,
+                              env=os.environ | {"DVC_STAGE": name})
         if done.returncode != 0:
             sys.exit(f"follow: {name} failed (exit code {done.returncode}); node 0's `dvc repro` stops there too: "
                      "rerun both")

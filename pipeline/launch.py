@@ -1,6 +1,6 @@
 """The train stage's launcher: torchrun's agent in this process, its options read from params.yaml.
 
-    python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train/udddm
+    python -m pipeline.launch pipeline.train --method udddm --prepared data/prepared.arrow --out out/train
 
 dvc.yaml runs it on the node that runs `dvc repro`. One process on one node (train.nproc 1, train.nnodes 1)
 needs no agent: the worker module runs in this process. With `train.nnodes` > 1 every other node runs
@@ -22,16 +22,19 @@ import os  # noqa: E402
 import re  # noqa: E402
 import runpy  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from .common import METHOD_HELP  # noqa: E402
-from .stage import PARAMS  # noqa: E402
+from .stage import PARAMS, dvc_stage_method  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="the worker module every process runs (pipeline.train)")
-    ap.add_argument("--method", required=True, help=METHOD_HELP)
+    method = dvc_stage_method()
+    ap.add_argument("--method", default=method, required=method is None,
+                    help=f"{METHOD_HELP}; run by DVC: the method of DVC_STAGE")
     args, args.worker_args = ap.parse_known_args()  # the rest are the worker's own arguments
     if not re.fullmatch(r"pipeline\.\w+", args.module):
         ap.error(f"module {args.module!r} is not a pipeline stage module (pipeline.train)")
@@ -44,6 +47,7 @@ def main() -> None:
         cfg.method_config(args.method)
     except (ConfigError, ValueError) as e:
         sys.exit(f"train: invalid parameters\n{e}")
+    params_read = Path(PARAMS).read_bytes()  # compared at the end: what DVC records must be what trained
     tc, rdzv = cfg.train, cfg.rendezvous
     # every worker's thread count, through OMP_NUM_THREADS (torchrun would set 1 only with several processes
     # per node, so 2 nodes x 1 and 1 x 2 summed in other orders): the same for every split of the machine
@@ -53,6 +57,7 @@ def main() -> None:
         # torchrun's rendezvous cost about 3 s of a stage), as plain `python -m pipeline.train` would
         sys.argv = [args.module, "--method", args.method, *args.worker_args]
         runpy.run_module(args.module, run_name="__main__", alter_sys=True)
+        refuse_if_changed(Path(PARAMS), params_read)
         return
     # the method in the id: each method's stage is its own rendezvous, so a node that starts the next
     # method's launcher early never joins the previous one's closing round
@@ -88,6 +93,19 @@ def main() -> None:
                  f"nodes `python -m pipeline.follow` (which runs this launcher for every train stage node 0 runs), "
                  f"with the same params.yaml, within rendezvous.timeout={rdzv.timeout} s of each other, reaching "
                  f"{rdzv.endpoint}")
+    refuse_if_changed(Path(PARAMS), params_read)
+
+
+def refuse_if_changed(params: Path, read: bytes) -> None:
+    """Fail the stage when params.yaml changed while it trained. DVC releases its lock while a command runs, so
+    a plain `dvc exp run -S train.lr=...` typed meanwhile rewrites params.yaml before it finds the repository
+    busy (issue 32); DVC would then record the new values in dvc.lock for a model trained with the old ones.
+    A failed stage is not recorded, and the next `dvc repro` resumes it from its checkpoints."""
+    if params.read_bytes() != read:
+        sys.exit(f"train: {params} changed while this stage trained (a `dvc exp run -S` during `dvc repro` "
+                 f"rewrites it); the model was trained with it as it was, so the stage fails rather than let DVC "
+                 f"record the new values in dvc.lock. Put {params} back (`git checkout {params}`) or keep the "
+                 f"change, and run `dvc repro` again")
 
 
 if __name__ == "__main__":

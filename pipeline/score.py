@@ -1,6 +1,6 @@
-"""Stage score: a method's samples (<samples>/<s>-step.npz) against the reference statistics ->
-<out>/metrics.json (the headline numbers per network-evaluation count, `dvc metrics show`),
-<out>/report.json (everything: class histograms, the
+"""Stage score: a method's samples (<samples>/<method>/<s>-step.npz) against the reference statistics ->
+<out>/<method>/metrics.json (the headline numbers per network-evaluation count, `dvc metrics show`),
+<out>/<method>/report.json (everything: class histograms, the
 untrained network's score, uDDDM's t = T diagnostics), and the same numbers with the sample grids in an MLflow
 run of this evaluation, a child of the method's training run."""
 
@@ -42,10 +42,10 @@ def summary(name: str, metrics: dict[str, dict], feature_network: str) -> str:
 
 
 def main() -> None:
-    cfg, args = start("score", __doc__, per_method=True, samples="the method's samples directory",
-                      model="its model.pt", run="its mlflow_run.json", prepared="the prepared Arrow file",
-                      reference="the reference statistics directory", classifier="the scoring classifier",
-                      out="the directory for metrics.json and report.json")
+    cfg, args = start("score", __doc__, per_method=True, samples="the directory of the methods' samples",
+                      runs="the directory of the methods' training outputs (model.pt, mlflow_run.json)",
+                      prepared="the prepared Arrow file", reference="the reference statistics directory",
+                      classifier="the scoring classifier", out="the directory of the methods' scores")
     from dddm.checkpoint import CheckpointError, load_model
     from dddm.data import PreparedDataset
     from dddm.diagnostics import udddm_diagnostics
@@ -57,13 +57,15 @@ def main() -> None:
     from dddm.scoring import InceptionWeightsMissing
     from dddm.tracking import EvaluationRun, TrackingUnavailable
 
+    samples, out = args.samples / args.method, args.out / args.method
+    model, run = (args.runs / args.method / name for name in ("model.pt", "mlflow_run.json"))
     device = resolve_device(cfg.train.device)
     try:
-        trained = load_model(args.model, device, expect_method=args.method)
+        trained = load_model(model, device, expect_method=args.method)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"score: {e}")
     method = trained.with_sampler(cfg)
-    paths = {s: args.samples / f"{s}-step.npz" for s in method.sampler.steps}
+    paths = {s: samples / f"{s}-step.npz" for s in method.sampler.steps}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise SystemExit(f"score: {', '.join(missing)}: samples not found (run the sample stage)")
@@ -98,20 +100,20 @@ def main() -> None:
     metrics = {f"nfe{row['nfe']}": headline(row) for row in report["rows"]}
     if "untrained" in report:
         metrics["untrained"] = {k: v for k, v in headline(report["untrained"]).items() if k.startswith("fid")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (args.out / "report.json").write_text(json.dumps(report, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     sampler = getattr(cfg.sampler, method.name)
     try:
-        evaluation = EvaluationRun(args.run, {"sampler": {method.name: sampler.model_dump(mode="json")},
-                                              "sample": cfg.sample.model_dump(mode="json"),
-                                              "score": cfg.score.model_dump(mode="json")})
+        evaluation = EvaluationRun(run, {"sampler": {method.name: sampler.model_dump(mode="json")},
+                                         "sample": cfg.sample.model_dump(mode="json"),
+                                         "score": cfg.score.model_dump(mode="json")})
     except TrackingUnavailable as e:  # the scores are written: a tracking outage does not stop the pipeline
         print(f"score: WARNING: {method.name}: scores not logged to MLflow: {e} (`dvc repro -f score@{method.name}` "
               "logs them once it answers)", file=sys.stderr)
     else:
         for steps in paths:
-            evaluation.log_image_file(args.samples / f"{steps}-step.png", "samples")
+            evaluation.log_image_file(samples / f"{steps}-step.png", "samples")
         evaluation.log_metrics({f"{name}/{k}": v for name, m in metrics.items() for k, v in m.items()})
         evaluation.log_headline(metrics)
         evaluation.finish()

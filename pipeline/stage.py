@@ -42,16 +42,27 @@ def one_line_errors(stage: str) -> None:
     sys.excepthook = hook
 
 
+def dvc_stage_method() -> str | None:
+    """The method of the matrix stage DVC runs (DVC_STAGE, which DVC sets for every command: `train@udddm`).
+    dvc.yaml's commands do not name it: DVC pastes a matrix value into the shell unquoted, so a method named
+    `udddm; touch M #` in params.yaml ran its payload (issue 32). Read from here, it is one argument, refused
+    by the params' schema before any path is made of it."""
+    return os.environ.get("DVC_STAGE", "").partition("@")[2] or None
+
+
 def begin(stage: str, doc: str | None, paths: dict[str, str], load: Callable[[str, argparse.Namespace], Params],
           method_help: str | None = None) -> tuple[Params, argparse.Namespace]:
-    """Parse `--<name> PATH` for each of `paths` ({name: help}) and, given `method_help`, `--method`; set up
+    """Parse `--<name> PATH` for each of `paths` ({name: help}) and, given `method_help`, `--method` (DVC's
+    stage's by default: dvc_stage_method); set up
     logging; `load(params.yaml, args)` (exiting with the key named when the params are invalid); set the
     thread count."""
     ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=doc)
     for name, help_text in paths.items():
         ap.add_argument(f"--{name.replace('_', '-')}", dest=name, type=Path, required=True, help=help_text)
     if method_help:
-        ap.add_argument("--method", required=True, help=method_help)
+        method = dvc_stage_method()
+        ap.add_argument("--method", default=method, required=method is None,
+                        help=f"{method_help}; run by DVC: the method of DVC_STAGE")
     args = ap.parse_args()
     one_line_errors(stage)
     rank = int(os.environ.get("RANK", "0"))

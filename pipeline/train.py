@@ -2,7 +2,7 @@
 plain python, from scratch or, for a method of `finetune.methods`, from the model `finetune.init_from` (and,
 for a method that distils, learning from the model `finetune.teacher`).
 
-Writes <out>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
+Writes <out>/<method>/model.pt (the EMA network), train_metrics.json (the final loss), train_info.json (the last
 step's loss terms and schedule values, the step count), loss.tsv, curve.tsv (the learning curve, every
 train.eval_every epochs) and mlflow_run.json (the MLflow run that sample and score log into).
 Checkpoints and the x0 store live in <train.checkpoint_dir>/<method>-<hash>, outside DVC's outputs, so an
@@ -61,8 +61,8 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init,
 def main() -> None:
     cfg, args = start("train", __doc__, per_method=True, prepared="the prepared Arrow file",
                       classifier="the scoring classifier (learning curves)",
-                      out="the directory for model.pt, loss.tsv, curve.tsv, train_metrics.json, train_info.json "
-                          "and mlflow_run.json")
+                      out="the directory of the methods' training outputs: <out>/<method>/ for model.pt, loss.tsv, "
+                          "curve.tsv, train_metrics.json, train_info.json and mlflow_run.json")
     from dddm import checkpoint, distributed, runlock
     from dddm.curves import LearningCurve
     from dddm.curves import write_tsv as write_curve_tsv
@@ -73,6 +73,7 @@ def main() -> None:
 
     info = PreparedDataset(args.prepared).info
     method = cfg.make_method(args.method)
+    out = args.out / method.name
     try:  # before anything starts: a model file that does not fit stops the stage, naming the key
         init = load_initialisation(cfg, method, info.image_size, info.channels) if cfg.finetuned(method.name) else None
         teacher = load_teacher(cfg, method, info.image_size, info.channels) if method.distills_from else None
@@ -97,17 +98,17 @@ def main() -> None:
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             tracker = make_tracker(cfg, method, run_dir, args.prepared, info, world.device, init, teacher)
-        result = train(cfg, method.name, args.prepared, args.out, run_dir, tracker=tracker, init=init, curve=curve,
+        result = train(cfg, method.name, args.prepared, out, run_dir, tracker=tracker, init=init, curve=curve,
                        teacher=teacher)
         if tracker:
-            write_history(result.history_path, args.out / "loss.tsv", method.terms)
+            write_history(result.history_path, out / "loss.tsv", method.terms)
             if curve is not None:
-                curve.write_tsv(args.out / "curve.tsv")
+                curve.write_tsv(out / "curve.tsv")
             else:  # train.eval_every 0: no points, the file DVC expects
-                write_curve_tsv(args.out / "curve.tsv", [], [])
+                write_curve_tsv(out / "curve.tsv", [], [])
             tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
-            write_run_reference(args.out / "mlflow_run.json", tracker.run_id, tracker.incomplete())
+            write_run_reference(out / "mlflow_run.json", tracker.run_id, tracker.incomplete())
     except (TrainingDiverged, TrackingUnavailable, checkpoint.CheckpointError, runlock.RunLocked) as e:
         if tracker:
             tracker.finish("FAILED")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 # threads made it several times slower (tests/test_unet.py at load 7: 72 s with 2 threads, 7 s with 1).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -90,13 +94,14 @@ def run_env(**extra) -> dict:
 
 
 def stage_command(repo: Path, name: str) -> list[str]:
-    """A stage's command as dvc.yaml declares it (`train@udddm`: a method's), without DVC; the train stage's
-    launcher starts params.yaml's train.nproc workers."""
+    """A stage's command as dvc.yaml declares it (`train@udddm`: a method's, with `--method udddm`, which DVC gives
+    in DVC_STAGE), without DVC; the train stage's launcher starts params.yaml's train.nproc workers."""
     from flows.dvcrun import expanded_stages
 
     declared = expanded_stages(repo)[name]["cmd"].split()
     module = declared.index("-m")
-    return [sys.executable, "-m", *declared[module + 1:]]
+    method = ["--method", name.partition("@")[2]] if "@" in name else []
+    return [sys.executable, "-m", *declared[module + 1:], *method]
 
 
 def copy_repo(dest: Path, outputs: bool = False) -> Path:
@@ -141,6 +146,45 @@ def start_mlflow_server(root: Path, port: int, **env) -> tuple[subprocess.Popen,
     os.killpg(proc.pid, 9)
     proc.wait()
     raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text()[-2000:])
+
+
+# Issue 32's trials (test_refused_before_deletion.py, test_method_names.py): `dvc repro` in a session of its own,
+# reporting its time and the largest resident memory of any process under it (ru_maxrss of the waited-for
+# descendants: DVC, its shell, the stage's Python)
+RUN = """
+import json, resource, subprocess, sys, time
+start = time.monotonic()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"rc": done.returncode, "s": time.monotonic() - start, "stderr": done.stdout + done.stderr,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def state(repo: Path) -> dict[str, str]:
+    """sha256 of params.yaml, dvc.lock and every file under data/ and out/."""
+    files = [repo / "params.yaml", repo / "dvc.lock",
+             *(p for d in ("data", "out") for p in sorted((repo / d).rglob("*")) if p.is_file())]
+    return {str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def left_running(repo: Path) -> list[str]:
+    """The command lines of the processes whose working directory is `repo`."""
+    return [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cwd", "cmdline"])
+            if p.info["cwd"] == str(repo)]
+
+
+def repro(repo: Path, *args: str, limit_s: float = 60) -> dict:
+    """`dvc repro *args` in `repo`: what RUN reports. Past `limit_s` (a stage that hangs, as a FIFO made the
+    prepare stage) its whole session is killed and the test fails."""
+    proc = subprocess.Popen([sys.executable, "-c", RUN, sys.executable, "-m", "dvc", "repro", *args], cwd=repo,
+                            env=run_env(), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"dvc repro {' '.join(args)} still ran after {limit_s} s")
+    return json.loads(out)
 
 
 @pytest.fixture

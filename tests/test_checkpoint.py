@@ -256,12 +256,13 @@ def test_the_sample_stage_names_a_truncated_model_file_without_a_traceback(runs,
     shutil.copy(runs.half.parent / "half-out" / "model.pt", model)
     damage_truncate(model)
     write_params(tmp_path, tiny_params())
-    result = subprocess.run([sys.executable, "-m", "pipeline.sample", "--method", "udddm", "--model", str(model),
-                             "--out", "out/samples/udddm"],
+    result = subprocess.run([sys.executable, "-m", "pipeline.sample", "--method", "udddm", "--runs", "out/train",
+                             "--out", "out/samples"],
                             cwd=tmp_path, capture_output=True, text=True,
                             env=run_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), timeout=300)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"sample: {model}: not a readable model file")
+    assert result.stderr.strip().splitlines()[-1].startswith("sample: out/train/udddm/model.pt: not a readable model "
+                                                             "file")
     assert "Traceback" not in result.stderr
 
 

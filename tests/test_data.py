@@ -272,6 +272,21 @@ def test_cheap_checks(tmp_path):
     assert not (tmp_path / "p.arrow").exists()
 
 
+@pytest.mark.timeout(60)  # before the fix, opening the FIFO blocked for ever
+def test_a_fifo_or_a_device_is_refused_unread(tmp_path):
+    """Issue 32: a FIFO or /dev/zero as data.path hung the prepare stage (the check stage refuses it first, through
+    the same function: tests/test_refused_before_deletion.py)."""
+    fifo = tmp_path / "cifar-10-python.tar.gz"
+    os.mkfifo(fifo)
+    for source, path in (("cifar10", fifo), ("cifar10", "/dev/zero"), ("imagenet64", "/dev/zero")):
+        with pytest.raises(DataError, match=f"^{source}: {path} is not a regular file or directory"):
+            prepare_dataset(source, str(path), 16, tmp_path / "p.arrow")
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(DataError, match=f"^folder: {tmp_path / 'a.png'} is a file; data.source folder reads a dir"):
+        prepare_dataset("folder", str(tmp_path / "a.png"), 16, tmp_path / "p.arrow")
+    assert not (tmp_path / "p.arrow").exists()
+
+
 def test_cifar10_not_an_archive(tmp_path):
     junk = tmp_path / "junk.tar.gz"
     junk.write_bytes(np.random.default_rng(0).bytes(5000))

@@ -49,3 +49,35 @@ def test_an_experiment_is_refused_while_dvc_repro_runs_and_the_lock_stays_true(r
                               capture_output=True, text=True, timeout=120)
     assert verified.returncode == 1
     assert "out/train/edm/model.pt: train.lr: 0.0002 in the model, 0.0005 in dvc.lock" in verified.stderr
+
+
+def test_a_plain_dvc_exp_run_during_dvc_repro_leaves_no_false_lock(repo_copy):
+    """Issue 32, item 1: DVC's own `dvc exp run -S` (not pipeline.exp) rewrites params.yaml before it finds the
+    repository busy and exits 255; the train stage then fails instead of letting DVC record the new lr in dvc.lock
+    for a model trained with the old one. params.yaml stays rewritten: DVC's (README, Known issues)."""
+    # 15 epochs of 29 steps: training outlasts the experiment's start (DVC's, 2-3 s); a commit, which it needs
+    write_params(repo_copy, tiny_params(methods=["edm"], finetune={"methods": []},
+                                        train={"epochs": 15, "batch_size": 64, "eval_every": 0}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=repo_copy, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=repo_copy, check=True)
+    locked = (repo_copy / "dvc.lock").read_text()
+    repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo_copy, env=run_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300  # until the train stage has logged its first steps
+        while time.time() < deadline and not list((repo_copy / "checkpoints").glob("edm-*/history.jsonl")):
+            time.sleep(0.2)
+        assert repro.poll() is None, "dvc repro ended before the experiment was tried"
+        experiment = subprocess.run(["dvc", "exp", "run", "-S", "train.lr=0.0004"], cwd=repo_copy, env=run_env(),
+                                    capture_output=True, text=True, timeout=120)
+        out, _ = repro.communicate(timeout=900)
+    finally:
+        repro.kill()
+    assert experiment.returncode == 255 and "is busy" in experiment.stderr, experiment.stderr[-2000:]
+    assert "lr: 0.0004" in (repo_copy / "params.yaml").read_text()
+    assert repro.returncode != 0, out[-3000:] + experiment.stderr[-2000:]
+    assert "train: params.yaml changed while this stage trained" in out and "Traceback" not in out, out[-3000:]
+    # the stages before it recorded, the train stage not (its entry is the copied repository's)
+    train = [yaml.safe_load(text)["stages"]["train@edm"] for text in (locked, (repo_copy / "dvc.lock").read_text())]
+    assert train[1] == train[0], train[1]

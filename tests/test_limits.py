@@ -32,6 +32,19 @@ HARMFUL = [
     ("read-only store directory", {"method": {"udddm": {"store": {"directory": "/proc/self"}}}},
      "method.udddm.store.directory"),
 ]
+# issue 32's: each passed the check and failed (or grew) in a later stage, after DVC had deleted its outputs
+LATER = [
+    ("T 2 * 10^9 (a 16 GB schedule)", {"method": {"udddm": {"processes": {"ve": {"T": 2 * 10**9}}}}},
+     "method.udddm.processes.ve.T"),
+    ("iCT s1 2^40", {"method": {"ict": {"s1": 2**40}}}, "method.ict.s1"),
+    ("EDM p_mean NaN", {"method": {"edm": {"p_mean": float("nan")}}}, "method.edm.p_mean"),
+    ("sigma_max inf", {"method": {"ect": {"sigma_max": float("inf")}}}, "method.ect.sigma_max"),
+    ("10^8 learning-curve samples", {"train": {"eval_samples": 10**8}}, "train.eval_samples"),
+    ("64 learning-curve samples", {"train": {"eval_samples": 64}}, "train.eval_samples"),
+    ("64 samples", {"sample": {"num_samples": 64}}, "sample.num_samples"),
+    ("a 100 kB experiment name", {"tracking": {"experiment": "x" * 10**5}}, "tracking.experiment"),
+    ("data.path a device", {"data": {"source": "cifar10", "path": "/dev/zero"}}, "data.path"),
+]
 
 # Runs the check's two steps (load_config, environment_problems) on each params file given, in one
 # process, and reports what each said and the process's peak RSS after each file; the first file is valid.
@@ -51,26 +64,45 @@ print(json.dumps(out))
 """
 
 
-def test_each_harmful_param_is_refused_naming_its_key_without_allocating(tmp_path):
-    if os.cpu_count() >= 1000:
-        pytest.skip("a machine with 1000 CPUs may run 1000 processes")
+def checked(tmp_path, cases: list[tuple[str, dict, str]], texts: dict[str, str]) -> dict[str, str]:
+    """What the check said of the valid tiny params, then of each case (as overrides) and each text, by case;
+    asserting that the valid params pass, each case's key is named, and memory grew by less than 128 MB."""
     files = {"valid": tmp_path / "valid.yaml"}
     files["valid"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    for case, overrides, _ in HARMFUL:
+    for case, overrides, _ in cases:
         files[case] = tmp_path / f"{case.replace(' ', '_')}.yaml"
         files[case].write_text(yaml.safe_dump(tiny_params(**overrides), sort_keys=False))
-    files["alias bomb"] = tmp_path / "bomb.yaml"
-    files["alias bomb"].write_text(yaml.safe_dump(tiny_params(), sort_keys=False) + ALIAS_BOMB)
+    for case, text in texts.items():
+        files[case] = tmp_path / f"{case.replace(' ', '_')}.yaml"
+        files[case].write_text(text)
     done = subprocess.run([sys.executable, "-c", PROBE, *map(str, files.values())], cwd=tmp_path,
                           env=run_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     said = json.loads(done.stdout)
     assert said[str(files["valid"])] == ""
-    for case, _, key in HARMFUL:
+    for case, _, key in cases:
         assert re.search(rf"(^|\n|\.yaml: ){re.escape(key)}: ", said[str(files[case])]), (case, said[str(files[case])])
-    assert re.search(r"bomb\.yaml: line \d+: YAML anchors and aliases", said[str(files["alias bomb"])])
     peaks = list(said["after_kb"].values())
     assert max(peaks) - peaks[0] < 128 * 1024, f"peak RSS (kB) after each file: {said['after_kb']}"
+    return {case: said[str(path)] for case, path in files.items()}
+
+
+def test_each_harmful_param_is_refused_naming_its_key_without_allocating(tmp_path):
+    if os.cpu_count() >= 1000:
+        pytest.skip("a machine with 1000 CPUs may run 1000 processes")
+    said = checked(tmp_path, HARMFUL, {"alias bomb": yaml.safe_dump(tiny_params(), sort_keys=False) + ALIAS_BOMB})
+    assert re.search(r"alias_bomb\.yaml: line \d+: YAML anchors and aliases", said["alias bomb"])
+
+
+def test_params_that_failed_after_the_check_are_refused_by_it(tmp_path):
+    """Issue 32: values, a key given twice and a 50 MB file that the check passed (or itself grew 16 GB on)."""
+    valid = yaml.safe_dump(tiny_params(), sort_keys=False)
+    assert "\n  lr: 0.0002\n" in valid
+    said = checked(tmp_path, LATER, {
+        "duplicate key": valid.replace("\n  lr: 0.0002\n", "\n  lr: 0.0002\n  lr: 0.0004\n"),
+        "50 MB file": yaml.safe_dump(tiny_params(tracking={"experiment": "x" * 50 * 2**20}))})
+    assert re.search(r"duplicate_key\.yaml: line \d+: train\.lr is given twice", said["duplicate key"])
+    assert re.search(r"50_MB_file\.yaml: larger than 1 MB", said["50 MB file"])
 
 
 def test_limits_ignore_turns_the_estimates_off_but_not_the_exact_checks(tmp_path):

@@ -59,7 +59,7 @@ def finish(agents, logs, timeout=300) -> None:
 
 
 def weights_sha256(out: Path) -> str:
-    return torch.load(out / "model.pt", weights_only=True)["weights_sha256"]
+    return torch.load(out / "udddm" / "model.pt", weights_only=True)["weights_sha256"]
 
 
 def processes_of(out: Path) -> list[psutil.Process]:
@@ -230,7 +230,7 @@ def test_node_0_runs_dvc_repro_and_the_other_node_follows_with_one_command(tmp_p
     followed = follower.communicate(timeout=120)[0]
     assert node0.returncode == 0, node0.stdout[-3000:] + node0.stderr[-3000:] + followed[-3000:]
     assert follower.returncode == 0, followed[-3000:]
-    assert "follow: train@udddm: joining node 0: python -m pipeline.launch pipeline.train --method udddm" in followed
+    assert "follow: train@udddm: joining node 0: python -m pipeline.launch pipeline.train --prepared" in followed
     assert "follow: done, 1 of 1 train stages run here" in followed
     assert torch.load(repo / "out/train/udddm/model.pt", weights_only=True)["dataset"]["num_samples"] == 1797
 

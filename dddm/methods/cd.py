@@ -66,15 +66,15 @@ class CD(Method):
     distills_from = ("edm",)     # a denoiser of the probability-flow ODE
 
     class Config(Section):
-        sigma_min: float = Field(gt=0.0, allow_inf_nan=False)   # the boundary condition f(x, sigma_min) = x
-        sigma_max: float = Field(gt=0.0, allow_inf_nan=False)
-        sigma_data: float = Field(gt=0.0, allow_inf_nan=False)  # the teacher's (EDM's 0.5)
-        rho: float = Field(gt=0.0, allow_inf_nan=False)
+        sigma_min: float = Field(gt=0.0)   # the boundary condition f(x, sigma_min) = x
+        sigma_max: float = Field(gt=0.0)
+        sigma_data: float = Field(gt=0.0)  # the teacher's (EDM's 0.5)
+        rho: float = Field(gt=0.0)
         N: int = Field(ge=2, le=10_000)  # levels of the discretisation (cm's CIFAR-10: 18; ImageNet-64: 40)
         # the target network's decay (CIFAR-10: 0, the online weights; ImageNet-64: 0.95)
         mu: float = Field(ge=0.0, lt=1.0)
         metric: Literal["l2", "pseudo_huber"]  # cm's l2 (the paper's best: LPIPS, not available here)
-        huber_scale: float = Field(gt=0.0, allow_inf_nan=False)  # pseudo_huber's c = huber_scale sqrt(dim) (iCT)
+        huber_scale: float = Field(gt=0.0)  # pseudo_huber's c = huber_scale sqrt(dim) (iCT)
 
         @model_validator(mode="after")
         def _consistent(self):

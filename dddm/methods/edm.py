@@ -38,7 +38,7 @@ class EDM(Method):
         sigma_min: float = Field(gt=0.0)
         sigma_max: float = Field(gt=0.0)
         sigma_data: float = Field(gt=0.0)
-        rho: float = Field(gt=0.0)
+        rho: float = Field(gt=0.0, allow_inf_nan=True)  # .inf: geometric levels (dddm.processes.karras_sigmas)
         p_mean: float  # training: ln sigma ~ N(p_mean, p_std^2)
         p_std: float = Field(gt=0.0)
         # sampler.edm.steps: Heun steps N, 2N - 1 network evaluations

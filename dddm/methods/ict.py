@@ -11,6 +11,7 @@ vector, d(x, y) = sqrt(||x - y||^2 + c^2) - c with c = 0.00054 sqrt(dim), not pe
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from pydantic import Field, PositiveInt, model_validator
@@ -19,7 +20,7 @@ from ..losses import pseudo_huber
 from ..processes import karras_sigmas
 from ..rng import (STREAM_SAMPLE_PRIOR, STREAM_SAMPLE_STEP, STREAM_TRAIN_NOISE, normal_per_index,
                    uniform_and_noise_per_index)
-from ..schema import Section
+from ..schema import Section, at_most
 from .base import LossOutput, Method, Progress, SamplerConfig
 from .edm import precondition
 
@@ -54,9 +55,10 @@ class ICT(Method):
         sigma_min: float = Field(gt=0.0)
         sigma_max: float = Field(gt=0.0)
         sigma_data: float = Field(gt=0.0)
-        rho: float = Field(gt=0.0)
+        rho: float = Field(gt=0.0, allow_inf_nan=True)  # .inf: geometric levels (dddm.processes.karras_sigmas)
         s0: PositiveInt  # discretisation curriculum: s0 + 1 levels at first ...
-        s1: PositiveInt  # ... doubling up to s1 + 1
+        # ... doubling up to s1 + 1; each training step builds a table of up to s1 + 1 levels (2^40 would be 8 TB)
+        s1: Annotated[PositiveInt, at_most(10**6, "every training step builds a table of s1 + 1 noise levels")]
         p_mean: float  # noise index drawn from a lognormal over sigma
         p_std: float = Field(gt=0.0)
         huber_scale: float = Field(gt=0.0)  # c = huber_scale * sqrt(dim) (the paper: 0.00054)

@@ -294,8 +294,8 @@ def training_identity(cfg, method: str) -> dict:
     identity["method"] = {method: cfg.method_config(method).model_dump(mode="json")}
     if cfg.finetuned(method):
         identity["finetune"] = cfg.finetune.model_dump(mode="json", include={"init_from", "epochs", "lr"})
-        if cfg.finetune.dropout is not None:  # (absent where null: the runs from before the key keep their names)
-            identity["finetune"]["dropout"] = cfg.finetune.dropout
+        if method in cfg.finetune.dropout:  # (absent for a method not listed: its runs from before keep their names)
+            identity["finetune"]["dropout"] = cfg.finetune.dropout[method]
     return identity
 
 

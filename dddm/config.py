@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PositiveInt, field_validator
 
@@ -39,8 +39,9 @@ class FinetuneConfig(Section):
     init_from: str | None  # a model file: a train stage's (out/train/<method>/model.pt, a DVC dependency) or any
     epochs: int = Field(ge=1)  # the fine-tuning's own budget, after the initialisation's
     lr: float = Field(gt=0.0)
-    # the network's dropout while fine-tuning (iCT: 0.3 best on CIFAR-10; cm's CD runs: 0); null = model.dropout
-    dropout: float | None = Field(ge=0.0, lt=1.0)
+    # the network's dropout while fine-tuning, per method (iCT: 0.3 best on CIFAR-10; cm's CD runs: 0); a method
+    # not listed trains at model.dropout
+    dropout: dict[str, Annotated[float, Field(ge=0.0, lt=1.0)]]
     teacher: str = Field(min_length=1)  # the model a distilling method (CD) learns from; a DVC dependency of the
     # finetune stages, like init_from
 
@@ -125,8 +126,8 @@ class Config(Section):
 
     def network_of(self, name: str) -> ModelConfig:
         """The U-Net `name` trains, with the dropout it trains at (`finetune.dropout` for a fine-tuned method)."""
-        if self.finetuned(name) and self.finetune.dropout is not None:
-            return self.model.model_copy(update={"dropout": self.finetune.dropout})
+        if self.finetuned(name) and name in self.finetune.dropout:
+            return self.model.model_copy(update={"dropout": self.finetune.dropout[name]})
         return self.model
 
     def method_config(self, name: str) -> Section:
@@ -177,6 +178,11 @@ def _check_finetune(cfg: Config) -> None:
     if scratch:
         raise ConfigError(f"methods: {', '.join(scratch)} distil a teacher model (finetune.teacher): list them in "
                           f"finetune.methods")
+    for name in ft.dropout:  # (a method not fine-tuned now may be listed: unused until it is)
+        try:
+            check_choice("finetune.dropout", name, METHODS)
+        except ValueError as e:
+            raise ConfigError(f"finetune.dropout: {e}") from None
     if ft.methods and not ft.init_from:
         raise ConfigError(f"finetune.init_from: required to fine-tune {', '.join(ft.methods)} (a model file, e.g. "
                           f"out/train/edm/model.pt)")

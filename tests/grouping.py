@@ -15,9 +15,11 @@ SPREAD_MODULES = {"test_training.py"}
 # test_tracking 3.5, test_performance 2.8 (torch.compile with an empty inductor cache, as on a fresh
 # machine: 2 min alone, 13 s once cached), test_multinode 2.5, test_experiment_lock 0.8. Added 2026-12-07:
 # test_multinode's follower test (about 1.7 min alone: a tiny `dvc repro` across two agents) and
-# test_gpu_check's CPU smoke run (about 1 min).
+# test_gpu_check's CPU smoke run (about 1 min); later that day test_experiment_lock's plain `dvc exp run`
+# trial (1.7 min in all), test_refused_before_deletion (0.8, six real `dvc repro`) and test_method_names (0.3).
 LONGEST_FIRST = ["test_pipeline.py", "test_flows.py", "test_multinode.py", "test_workers.py", "test_tracking.py",
-                 "test_performance.py", "test_gpu_check.py", "test_experiment_lock.py"]
+                 "test_performance.py", "test_experiment_lock.py", "test_gpu_check.py",
+                 "test_refused_before_deletion.py", "test_method_names.py"]
 
 
 def handed_out(item) -> int:

@@ -98,7 +98,7 @@ def test_paper_presets_are_valid_and_match_the_paper(preset):
         assert (cfg.method.ict.s0, cfg.method.ict.s1, cfg.sampler.ict.sigmas) == (10, 1280, (0.821,))
         return
     if preset.stem == "cifar10-cd":
-        assert cfg.finetune.methods == ("cd",) and cfg.finetune.lr == 4e-4 and cfg.finetune.dropout == 0.0
+        assert cfg.finetune.methods == ("cd",) and cfg.finetune.lr == 4e-4 and cfg.finetune.dropout == {"cd": 0.0}
         assert (cfg.method.cd.N, cfg.method.cd.mu) == (18, 0.0) and cfg.finetune.epochs * 50_000 == 800_000 * 512
         return
     if preset.stem == "cifar10-edm":

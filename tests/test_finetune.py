@@ -198,9 +198,11 @@ def test_a_teacher_that_does_not_fit_is_named_before_training(edm_model, tmp_pat
 
 def test_finetune_dropout_is_the_fine_tuned_networks_and_part_of_its_run_identity(tmp_path):
     plain = parse_config(edm_params(tmp_path))
-    tuned = parse_config(edm_params(tmp_path, finetune={"dropout": 0.3}))
+    tuned = parse_config(edm_params(tmp_path, finetune={"methods": ["ect", "cd"], "dropout": {"ect": 0.3}}))
     assert plain.network_of("ect").dropout == plain.model.dropout == tuned.network_of("edm").dropout
-    assert tuned.network_of("ect").dropout == 0.3
+    assert tuned.network_of("ect").dropout == 0.3 and tuned.network_of("cd").dropout == plain.model.dropout
+    with pytest.raises(ConfigError, match="finetune.dropout: 'ddpm' is not one of"):
+        parse_config(edm_params(tmp_path, finetune={"dropout": {"ddpm": 0.0}}))
     # null keeps the run directories of before the key; a value is a new configuration
     assert "dropout" not in checkpoint.training_identity(plain, "ect")["finetune"]
     assert checkpoint.training_identity(tuned, "ect")["finetune"]["dropout"] == 0.3

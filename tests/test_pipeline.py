@@ -49,12 +49,13 @@ def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduc
                               "Running stage 'reference':"]
     info = json.loads((repo / "data/prepared.json").read_text())
     assert info["num_samples"] == 1797 and info["channels"] == 1 and info["image_size"] == 8
-    nfe = {"udddm": (1, 2), "ict": (1, 2), "edm": (7,), "ect": (1, 2)}  # tiny: EDM with 4 Heun steps
+    nfe = {"udddm": (1, 2), "ict": (1, 2), "edm": (7,), "ect": (1, 2), "cd": (1, 2)}  # tiny: EDM with 4 Heun steps
     for name in METHODS:
         assert (repo / f"out/train/{name}/model.pt").is_file()
         assert "loss" in (repo / f"out/train/{name}/loss.tsv").read_text().splitlines()[0]
         curve = (repo / f"out/train/{name}/curve.tsv").read_text().splitlines()  # eval_every 1 of 1 epoch
-        assert len(curve) == (3 if name == "ect" else 2) and curve[0].startswith("epoch\timages\tfid_classifier_")
+        finetuned = name in METHODS[3:]  # a point for the model it starts from
+        assert len(curve) == (3 if finetuned else 2) and curve[0].startswith("epoch\timages\tfid_classifier_")
         metrics = json.loads((repo / f"out/score/{name}/metrics.json").read_text())
         assert set(metrics) == {f"nfe{n}" for n in nfe[name]} | {"untrained"}, metrics
         for key, m in metrics.items():
@@ -72,6 +73,8 @@ def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduc
     table = (repo / "out/compare/table.md").read_text()
     assert all(f"| {name} |" in table for name in METHODS[:3]) and "real digits" in table
     assert "| ect (from edm's model, 1,797 images) | 1-step | 1 | 3,594 |" in table  # its images include EDM's
+    # CD distils the model it starts from: its images counted once
+    assert "| cd (from edm's model, distilling edm's, 1,797 images) | 1-step | 1 | 3,594 |" in table
     assert (repo / "out/compare/grids.png").stat().st_size > 0
     assert (repo / "out/compare/learning_curves.png").stat().st_size > 0
     registered = json.loads((repo / "out/registry.json").read_text())["registered"]  # tracking.register_models: true
@@ -105,21 +108,24 @@ def test_plots_compare_the_methods(reproduced):
     assert plots["out/compare/grids.png"][0]["type"] == "image"  # `dvc plots diff` shows revisions side by side
     fid = plots["fid_by_network_evaluations"][0]["content"]
     points = {(column(v), v["nfe"]) for v in fid["data"]["values"] if v["dvc_inferred_y_value"] != "NaN"}
-    assert points == {("udddm", "1"), ("udddm", "2"), ("ict", "1"), ("ict", "2"), ("edm", "7"), ("ect", "1"), ("ect", "2")}
+    assert points == {("udddm", "1"), ("udddm", "2"), ("ict", "1"), ("ict", "2"), ("edm", "7"), ("ect", "1"), ("ect", "2"),
+                      ("cd", "1"), ("cd", "2")}
     curves = plots["learning_curves"][0]["content"]["data"]["values"]
     assert {(column(v), v["images"]) for v in curves if v["dvc_inferred_y_value"] != "NaN"} == \
-        {("udddm", "1797"), ("ict", "1797"), ("edm", "1797"), ("ect", "1797"), ("ect", "3594")}
+        {("udddm", "1797"), ("ict", "1797"), ("edm", "1797"), ("ect", "1797"), ("ect", "3594"), ("cd", "1797"),
+         ("cd", "3594")}
     pr = plots["precision_recall"][0]["content"]
     assert pr["encoding"]["x"]["field"] == "recall"  # precision against recall: both on 0..1, no FID beside them
     assert {v["point"] for v in pr["data"]["values"]} == {"real digits (held out) -", "udddm 1-step", "udddm 2-step",
                                                            "ict 1-step", "ict 2-step", "edm 4-step",
-                                                           "ect 1-step", "ect 2-step"}
+                                                           "ect 1-step", "ect 2-step", "cd 1-step", "cd 2-step"}
     # `python -m pipeline.plots`: the same page with vega, vega-lite and vega-embed inline, nothing from a CDN
     offline = subprocess.run([sys.executable, "-m", "pipeline.plots", "-o", "offline_plots"], cwd=repo, env=run_env(),
                              capture_output=True, text=True, timeout=300)
     assert offline.returncode == 0, offline.stderr
     page = (repo / "offline_plots" / "index.html").read_text()
-    assert "<script src" not in page and "window.vegaEmbed=" in page and page.count("vegaEmbed('#") == 7
+    charts = len(METHODS) + 3  # a loss chart per method, the three comparisons
+    assert "<script src" not in page and "window.vegaEmbed=" in page and page.count("vegaEmbed('#") == charts
 
 
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):
@@ -264,7 +270,7 @@ def test_dvc_exp_run_switches_the_process_and_a_bad_source_is_named(reproduced):
     assert shown.returncode == 0, shown.stderr
     header = [cell.strip() for cell in shown.stdout.splitlines()[0].strip("|").split("|")]
     assert header == ["Experiment", "Created", "real", "udddm.nfe1", "udddm.nfe2", "ict.nfe1", "ict.nfe2", "edm.nfe7",
-                      "ect.nfe1", "ect.nfe2", "method.udddm.process"], header  # the changed param and the FIDs; no hashes
+                      "ect.nfe1", "ect.nfe2", "cd.nfe1", "cd.nfe2", "method.udddm.process"], header  # the changed param and the FIDs; no hashes
     assert max(len(line) for line in shown.stdout.splitlines()) <= 200
 
     missing = repo / "nowhere" / "cifar-10-python.tar.gz"

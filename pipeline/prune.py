@@ -7,8 +7,8 @@ Each training configuration gets its own directory under `train.checkpoint_dir`
 (`<method>-<hash of the training params and dataset>`, holding its newest `train.keep_checkpoints`
 checkpoints and its x0 store), and nothing removes the directories of configurations no longer in use:
 an afternoon of experiments left 151 MB in 9 of them. Kept: the directories of params.yaml's methods as
-it stands (what `dvc repro` with `train.resume: auto` would continue), the `--keep` most recently written
-others, and any a trainer is running in. DVC's own cache is pruned by `dvc gc` (see the README).
+it stands, the fine-tuned ones included (what `dvc repro` with `train.resume: auto` would continue), the
+`--keep` most recently written others, and any a trainer is running in. DVC's own cache is pruned by `dvc gc` (see the README).
 """
 
 import argparse
@@ -35,6 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     from dddm import runlock
     from dddm.config import ConfigError, load_config
+    from dddm.finetune import InitialisationError, load_initialisation, load_teacher
     from dddm.training import run_directory
 
     try:
@@ -45,14 +46,29 @@ def main() -> None:
     if not root.is_dir():
         print(f"prune: {root} does not exist; nothing to remove")
         return
-    current = set()
+    current, undecided = set(), set()
     if args.prepared_info.is_file():
-        fingerprint = json.loads(args.prepared_info.read_text())["fingerprint"]
-        current = {run_directory(cfg, m, fingerprint).resolve() for m in cfg.methods}
+        info = json.loads(args.prepared_info.read_text())
+        for name in cfg.compared:
+            # a fine-tuned method's directory is named by the weights it starts from (and distils), as the train
+            # stage names it; without those files its current directory cannot be told: all of the method's stay
+            method = cfg.make_method(name)
+            try:
+                init = load_initialisation(cfg, method, info["image_size"], info["channels"]) \
+                    if cfg.finetuned(name) else None
+                teacher = load_teacher(cfg, method, info["image_size"], info["channels"]) \
+                    if method.distills_from else None
+            except InitialisationError as e:
+                undecided.add(name)
+                print(f"keep every {name}-* directory: its current one is named by a model file that does not load "
+                      f"({e})")
+                continue
+            current.add(run_directory(cfg, name, info["fingerprint"], init, teacher).resolve())
     else:
         print(f"prune: {args.prepared_info} not found (run the prepare stage), so no directory counts as current")
     # resolved: a current run directory that is a symbolic link is still current
-    others = sorted((d for d in root.iterdir() if d.is_dir() and d.resolve() not in current),
+    others = sorted((d for d in root.iterdir() if d.is_dir() and d.resolve() not in current
+                     and d.name.rsplit("-", 1)[0] not in undecided),
                     key=lambda d: d.stat().st_mtime, reverse=True)
     for directory in sorted(current):
         if directory.is_dir():

@@ -1,9 +1,11 @@
 """An experiment started while another DVC operation holds the repository (issue 22, item 5): refused
 before params.yaml changes, and the running operation records the params its model was trained with."""
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -14,24 +16,32 @@ from dddm.checkpoint import load_model
 pytestmark = pytest.mark.slow
 
 
+@contextlib.contextmanager
+def training(repo) -> Iterator[subprocess.Popen]:
+    """`dvc repro train@edm` in `repo`, handed over once its train stage has logged its first steps (the
+    experiment is tried while it trains); killed on the way out."""
+    repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo, env=run_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((repo / "checkpoints").glob("edm-*/history.jsonl")):
+            time.sleep(0.2)
+        assert repro.poll() is None, "dvc repro ended before the experiment was tried"
+        yield repro
+    finally:
+        repro.kill()
+
+
 def test_an_experiment_is_refused_while_dvc_repro_runs_and_the_lock_stays_true(repo_copy):
     # 4 epochs of 29 steps: the experiment is tried (in 0.2 s) while the train stage runs; no learning curve
     write_params(repo_copy, tiny_params(methods=["edm"], finetune={"methods": []},
                                         train={"epochs": 4, "batch_size": 64, "eval_every": 0}))
-    repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo_copy, env=run_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300  # until the train stage has logged its first steps
-        while time.time() < deadline and not list((repo_copy / "checkpoints").glob("edm-*/history.jsonl")):
-            time.sleep(0.2)
-        assert repro.poll() is None, "dvc repro ended before the experiment was tried"
+    with training(repo_copy) as repro:
         params_before = (repo_copy / "params.yaml").read_bytes()
         refused = subprocess.run([sys.executable, "-m", "pipeline.exp", "-S", "train.lr=0.0005"], cwd=repo_copy,
                                  env=run_env(), capture_output=True, text=True, timeout=120)
         assert (repo_copy / "params.yaml").read_bytes() == params_before
         out, _ = repro.communicate(timeout=900)
-    finally:
-        repro.kill()
     assert refused.returncode == 1
     assert refused.stderr.startswith("exp: another DVC operation is at work in") and "repro train@edm" in refused.stderr
     assert repro.returncode == 0, out[-3000:]
@@ -62,18 +72,10 @@ def test_a_plain_dvc_exp_run_during_dvc_repro_leaves_no_false_lock(repo_copy):
     subprocess.run([*git, "add", "-A"], cwd=repo_copy, check=True)
     subprocess.run([*git, "commit", "-qm", "base"], cwd=repo_copy, check=True)
     locked = (repo_copy / "dvc.lock").read_text()
-    repro = subprocess.Popen(["dvc", "repro", "train@edm"], cwd=repo_copy, env=run_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300  # until the train stage has logged its first steps
-        while time.time() < deadline and not list((repo_copy / "checkpoints").glob("edm-*/history.jsonl")):
-            time.sleep(0.2)
-        assert repro.poll() is None, "dvc repro ended before the experiment was tried"
+    with training(repo_copy) as repro:
         experiment = subprocess.run(["dvc", "exp", "run", "-S", "train.lr=0.0004"], cwd=repo_copy, env=run_env(),
                                     capture_output=True, text=True, timeout=120)
         out, _ = repro.communicate(timeout=900)
-    finally:
-        repro.kill()
     assert experiment.returncode == 255 and "is busy" in experiment.stderr, experiment.stderr[-2000:]
     assert "lr: 0.0004" in (repo_copy / "params.yaml").read_text()
     assert repro.returncode != 0, out[-3000:] + experiment.stderr[-2000:]

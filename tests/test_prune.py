@@ -14,12 +14,14 @@ from dddm import runlock
 from dddm.config import parse_config
 from dddm.training import run_directory
 
+INFO = {"fingerprint": "abc123", "image_size": 8, "channels": 1}  # what prune reads of data/prepared.json
+
 
 def test_prune_keeps_the_current_configurations_and_removes_the_rest(tmp_path):
     params = tiny_params(train={"checkpoint_dir": "checkpoints"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
-    (tmp_path / "data/prepared.json").write_text(json.dumps({"fingerprint": "abc123"}))
+    (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
     cfg = parse_config(params, "params.yaml")
     current = [tmp_path / run_directory(cfg, m, "abc123") for m in cfg.methods]
     stale = [tmp_path / "checkpoints" / f"udddm-{i:016x}" for i in range(4)]
@@ -49,7 +51,7 @@ def test_a_symbolic_link_among_the_run_directories_is_kept_and_the_others_pruned
     params = tiny_params(train={"checkpoint_dir": "checkpoints"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
-    (tmp_path / "data/prepared.json").write_text(json.dumps({"fingerprint": "abc123"}))
+    (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
     cfg = parse_config(params, "params.yaml")
     elsewhere = tmp_path / "big-disk"
     targets = [elsewhere / "old-run", elsewhere / run_directory(cfg, cfg.methods[0], "abc123").name]
@@ -70,3 +72,44 @@ def test_a_symbolic_link_among_the_run_directories_is_kept_and_the_others_pruned
     assert f"keep {linked}: a symbolic link to {targets[0]}; remove the two yourself if unused" in done.stdout
     assert f"keep {current.resolve()} (params.yaml's configuration)" in done.stdout
     assert not any(d.exists() for d in stale) and linked.is_symlink() and all(t.is_dir() for t in targets)
+
+
+def test_the_fine_tuned_methods_current_directories_are_kept(tmp_path, monkeypatch):
+    """ECT's and CD's directories are named by the model they start from (and CD's teacher): prune once took them
+    for stale ones. Without that model file their current directory cannot be told, and all of theirs stay."""
+    from dddm.checkpoint import save_model
+    from dddm.data import PreparedInfo
+    from dddm.finetune import load_initialisation, load_teacher
+    from dddm.unet import build_network
+
+    params = tiny_params(train={"checkpoint_dir": "checkpoints"})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
+    cfg = parse_config(params, "params.yaml")
+    root = tmp_path / "checkpoints"
+    stale = [root / f"{m}-{i:016x}" for m in ("ect", "cd") for i in range(2)]
+    for directory in stale:
+        directory.mkdir(parents=True)
+
+    def prune():
+        return subprocess.run([sys.executable, "-m", "pipeline.prune", "--delete"], cwd=tmp_path, capture_output=True,
+                              text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120, check=True).stdout
+
+    said = prune()  # no out/train/edm/model.pt yet: every ect-* and cd-* directory stays
+    assert all(d.is_dir() for d in stale) and "keep every ect-* directory" in said and "keep every cd-* directory" in said
+    edm = tmp_path / "out/train/edm/model.pt"
+    edm.parent.mkdir(parents=True)
+    info = PreparedInfo(source="digits", num_samples=1797, image_size=8, channels=1, num_classes=10,
+                        fingerprint="abc123")
+    save_model(edm, cfg, "edm", info, build_network(cfg.model, 8, 1, "none"), images=1797)
+    monkeypatch.chdir(tmp_path)  # finetune.init_from and finetune.teacher are relative to the repository
+    current = []
+    for name in ("ect", "cd"):
+        method = cfg.make_method(name)
+        teacher = load_teacher(cfg, method, 8, 1) if method.distills_from else None
+        current.append(root / run_directory(cfg, name, "abc123", load_initialisation(cfg, method, 8, 1), teacher).name)
+    for directory in current:
+        directory.mkdir()
+    said = prune()
+    assert all(d.is_dir() for d in current) and not any(d.exists() for d in stale), said

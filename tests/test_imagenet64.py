@@ -139,7 +139,8 @@ def test_errors_name_the_file(tmp_path, source, capfd):
         z.writestr("data.npy", b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (1,), }"
                    + b" " * 42 + b"\n" + pickle.dumps(np.zeros(1, object)))
     fails_with(r"^imagenet64: .*npz/train_data_batch_5.npz is not a downsampled-ImageNet batch", npz)
-    fails_with(r"^imagenet64: .*train_data_batch_1 is not a directory", good / "train_data_batch_1")
+    fails_with(r"^imagenet64: .*train_data_batch_1 is a file; data.source imagenet64 reads a directory",
+               good / "train_data_batch_1")
 
 
 @pytest.mark.parametrize("kind", ["vp", "ve"])

@@ -17,12 +17,18 @@ from dddm.training import run_directory
 INFO = {"fingerprint": "abc123", "image_size": 8, "channels": 1}  # what prune reads of data/prepared.json
 
 
-def test_prune_keeps_the_current_configurations_and_removes_the_rest(tmp_path):
+def workspace(tmp_path):
+    """tmp_path as a repository prune runs in: the tiny params (checkpoints under ./checkpoints) and the
+    prepared file's info; returns the params as prune reads them."""
     params = tiny_params(train={"checkpoint_dir": "checkpoints"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
     (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
-    cfg = parse_config(params, "params.yaml")
+    return parse_config(params, "params.yaml")
+
+
+def test_prune_keeps_the_current_configurations_and_removes_the_rest(tmp_path):
+    cfg = workspace(tmp_path)
     current = [tmp_path / run_directory(cfg, m, "abc123") for m in cfg.methods]
     stale = [tmp_path / "checkpoints" / f"udddm-{i:016x}" for i in range(4)]
     for directory in current + stale:
@@ -48,11 +54,7 @@ def test_prune_keeps_the_current_configurations_and_removes_the_rest(tmp_path):
 def test_a_symbolic_link_among_the_run_directories_is_kept_and_the_others_pruned(tmp_path):
     """The issue's trial: `--delete` met a run directory that is a symbolic link (rmtree refuses one), stopped with a
     traceback and left the other prunable directory. A link to a current run directory counts as current."""
-    params = tiny_params(train={"checkpoint_dir": "checkpoints"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
-    cfg = parse_config(params, "params.yaml")
+    cfg = workspace(tmp_path)
     elsewhere = tmp_path / "big-disk"
     targets = [elsewhere / "old-run", elsewhere / run_directory(cfg, cfg.methods[0], "abc123").name]
     for target in targets:
@@ -82,11 +84,7 @@ def test_the_fine_tuned_methods_current_directories_are_kept(tmp_path, monkeypat
     from dddm.finetune import load_initialisation, load_teacher
     from dddm.unet import build_network
 
-    params = tiny_params(train={"checkpoint_dir": "checkpoints"})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data/prepared.json").write_text(json.dumps(INFO))
-    cfg = parse_config(params, "params.yaml")
+    cfg = workspace(tmp_path)
     root = tmp_path / "checkpoints"
     stale = [root / f"{m}-{i:016x}" for m in ("ect", "cd") for i in range(2)]
     for directory in stale:

@@ -1,6 +1,7 @@
 """One method trained with params.yaml changed by overrides, as its train stage trains it (fine-tuned from
 the EDM stage's model where finetune.methods lists it): its learning curve, then for ECT with --mid the final
-model's rows at each two-step mid t (docs/method-study.md's tables); CD distils the EDM stage's model. Needs the outputs of `make repro`
+model's rows at each two-step mid t (docs/method-study.md's tables); CD distils the EDM stage's
+model. Needs the outputs of `make repro`
 (out/train/edm/model.pt, data/prepared.arrow, data/classifier.pt and data/reference).
 
     OMP_NUM_THREADS=1 python bench/learning_curve.py ect lr4e4 '{"finetune": {"lr": 4e-4}}' --mid 0.821,1.2,2.0
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from dddm.config import merge_params, parse_config  # noqa: E402
 from dddm.curves import LearningCurve  # noqa: E402
 from dddm.evaluation import evaluate_samples  # noqa: E402
-from dddm.finetune import load_initialisation, load_teacher  # noqa: E402
+from dddm.finetune import starting_points  # noqa: E402
 from dddm.methods import METHODS  # noqa: E402
 from dddm.sampling import sample  # noqa: E402
 from dddm.training import train  # noqa: E402
@@ -48,9 +49,7 @@ def main() -> None:
     method = cfg.make_method(args.method)
     info = json.loads((ROOT / "data/prepared.json").read_text())
     shape = (info["channels"], info["image_size"], info["image_size"])
-    init = (load_initialisation(cfg, method, info["image_size"], info["channels"]) if cfg.finetuned(args.method)
-            else None)
-    teacher = load_teacher(cfg, method, info["image_size"], info["channels"]) if method.distills_from else None
+    init, teacher = starting_points(cfg, method, info["image_size"], info["channels"])
     curve = LearningCurve(method, shape, work / "run", ROOT / "data/classifier.pt", cfg.score,
                           cfg.train.eval_samples, "cpu")
     start = time.time()

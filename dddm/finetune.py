@@ -83,6 +83,14 @@ def load_teacher(cfg, method, image_size: int, channels: int) -> TrainedModel:
     return _load_checked(cfg, method, image_size, channels, TEACHER_KEY)
 
 
+def starting_points(cfg, method, image_size: int, channels: int) -> tuple[Initialisation | None, TrainedModel | None]:
+    """What `method` trains from under `cfg`: the model it starts from (a fine-tuned method's) and the one it
+    distils (its teacher), each None where it has none; InitialisationError naming the key when one does not fit."""
+    init = load_initialisation(cfg, method, image_size, channels) if cfg.finetuned(method.name) else None
+    teacher = load_teacher(cfg, method, image_size, channels) if method.distills_from else None
+    return init, teacher
+
+
 def load_initialisation(cfg, method, image_size: int, channels: int) -> Initialisation:
     path = cfg.finetune.init_from
     trained = _load_checked(cfg, method, image_size, channels, KEY)

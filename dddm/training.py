@@ -150,10 +150,10 @@ def train(cfg: Config, method_name: str, prepared_path: str | Path, out_dir: str
           tracker=None, progress: bool = True, init: Initialisation | None = None,
           curve: LearningCurve | None = None, teacher: TrainedModel | None = None) -> TrainResult:
     """Train `method_name` per `cfg` on the prepared dataset, from scratch or from `init` (a fine-tuned
-    method), learning from `teacher` for a method that distills; write the final EMA model to out_dir/model.pt. `run_dir` holds checkpoints and the x0 store;
-    with train.resume = auto the newest checkpoint there that verifies is continued. `curve` (rank 0's)
-    records a learning-curve point every train.eval_every epochs and at the end. One trainer per run_dir: a second one
-    raises RunLocked."""
+    method), learning from `teacher` for a method that distills; write the final EMA model to out_dir/model.pt.
+    `run_dir` holds checkpoints and the x0 store; with train.resume = auto the newest checkpoint there that
+    verifies is continued. `curve` (rank 0's) records a learning-curve point every train.eval_every epochs and
+    at the end. One trainer per run_dir: a second one raises RunLocked."""
     world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)
     with runlock.hold(Path(run_dir), world):
         return _train(cfg, world, method_name, prepared_path, out_dir, run_dir, tracker, progress, init, curve,
@@ -330,8 +330,8 @@ def _train(cfg: Config, world, method_name: str, prepared_path: str | Path, out_
         out_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.save_model(model_path, cfg, method.name, info, ema.module,
                               images=images_before + cfg.epochs_of(method_name) * info.num_samples,
-                              init=(init.describe() | ({"teacher": describe_teacher(cfg, teacher)} if teacher else {}))
-                              if init is not None else None)
+                              init=None if init is None else
+                              init.describe() | ({"teacher": describe_teacher(cfg, teacher)} if teacher else {}))
         lines = history_path.read_text().splitlines() if history_path.exists() else []
         last = json.loads(lines[-1]) if lines else {}  # also after a resume from the final checkpoint
         # the final loss is the stage's metric (`dvc metrics show`); the last step's loss terms and schedule

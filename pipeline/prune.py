@@ -7,8 +7,9 @@ Each training configuration gets its own directory under `train.checkpoint_dir`
 (`<method>-<hash of the training params and dataset>`, holding its newest `train.keep_checkpoints`
 checkpoints and its x0 store), and nothing removes the directories of configurations no longer in use:
 an afternoon of experiments left 151 MB in 9 of them. Kept: the directories of params.yaml's methods as
-it stands, the fine-tuned ones included (what `dvc repro` with `train.resume: auto` would continue), the
-`--keep` most recently written others, and any a trainer is running in. DVC's own cache is pruned by `dvc gc` (see the README).
+it stands, the fine-tuned ones included (what `dvc repro` with `train.resume: auto` would continue),
+the `--keep` most recently written others, and any a trainer is running in. DVC's own cache is pruned
+by `dvc gc` (see the README).
 """
 
 import argparse
@@ -35,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     from dddm import runlock
     from dddm.config import ConfigError, load_config
-    from dddm.finetune import InitialisationError, load_initialisation, load_teacher
+    from dddm.finetune import InitialisationError, starting_points
     from dddm.training import run_directory
 
     try:
@@ -52,12 +53,8 @@ def main() -> None:
         for name in cfg.compared:
             # a fine-tuned method's directory is named by the weights it starts from (and distils), as the train
             # stage names it; without those files its current directory cannot be told: all of the method's stay
-            method = cfg.make_method(name)
             try:
-                init = load_initialisation(cfg, method, info["image_size"], info["channels"]) \
-                    if cfg.finetuned(name) else None
-                teacher = load_teacher(cfg, method, info["image_size"], info["channels"]) \
-                    if method.distills_from else None
+                init, teacher = starting_points(cfg, cfg.make_method(name), info["image_size"], info["channels"])
             except InitialisationError as e:
                 undecided.add(name)
                 print(f"keep every {name}-* directory: its current one is named by a model file that does not load "

@@ -36,7 +36,8 @@ def make_tracker(cfg, method, run_dir: Path, prepared: Path, info, device, init,
         {"method": {method.name: cfg.method_config(method.name).model_dump(mode="json")}}
     params["train"]["threads"] = torch.get_num_threads()  # the number the run summed with (`auto` resolved)
     if init is not None:
-        params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods", "teacher"}) | {"init": init.describe()}
+        params["finetune"] = cfg.finetune.model_dump(mode="json", exclude={"methods", "teacher"}) | \
+            {"init": init.describe()}
     if teacher is not None:
         params["finetune"]["teacher"] = describe_teacher(cfg, teacher)
     process = getattr(cfg.method_config(method.name), "process", None)
@@ -67,7 +68,7 @@ def main() -> None:
     from dddm.curves import LearningCurve
     from dddm.curves import write_tsv as write_curve_tsv
     from dddm.data import PreparedDataset
-    from dddm.finetune import InitialisationError, load_initialisation, load_teacher
+    from dddm.finetune import InitialisationError, starting_points
     from dddm.tracking import TrackingUnavailable, write_run_reference
     from dddm.training import TrainingDiverged, run_directory, train, write_history
 
@@ -75,8 +76,7 @@ def main() -> None:
     method = cfg.make_method(args.method)
     out = args.out / method.name
     try:  # before anything starts: a model file that does not fit stops the stage, naming the key
-        init = load_initialisation(cfg, method, info.image_size, info.channels) if cfg.finetuned(method.name) else None
-        teacher = load_teacher(cfg, method, info.image_size, info.channels) if method.distills_from else None
+        init, teacher = starting_points(cfg, method, info.image_size, info.channels)
     except InitialisationError as e:
         raise SystemExit(f"train: {e}")
     world = distributed.init(cfg.train.device, cfg.rendezvous.timeout)

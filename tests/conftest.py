@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -117,6 +118,54 @@ def copy_repo(dest: Path, outputs: bool = False) -> Path:
             shutil.copy2(src, dest / name)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+def dvc_run(repo: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`dvc *args` in `repo` as a user runs it (run_env), its output captured."""
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=run_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def stages_run(output: str) -> list[str]:
+    """The "Running stage ..." lines of a `dvc repro`'s output."""
+    return [line for line in output.splitlines() if line.startswith("Running stage")]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, str]:
+    """(a committed repository copy with the tiny params whose data stages (check, prepare, classifier, reference)
+    have run, the output of that `dvc repro`), made once per session: under xdist the first worker to ask builds
+    it and the other waits on a lock. Tests take a copy (`tiny_repo`), in which `dvc repro` finds those stages
+    done unless their params change (each test would otherwise pay about 25 s for them)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    repo, log = shared / "tiny-data" / "repo", shared / "tiny-data" / "repro.log"
+    with open(shared / "tiny-data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not log.is_file():
+            repo.mkdir(parents=True)
+            copy_repo(repo)
+            git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+            for cmd in ([*git, "add", "-A"], [*git, "commit", "-qm", "source"]):
+                subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+            write_params(repo, tiny_params())
+            done = dvc_run(repo, "repro", "reference")
+            assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+            log.write_text(done.stdout)
+    return repo, log.read_text()
+
+
+def tiny_repo(tiny_data: tuple[Path, str], dest: Path) -> Path:
+    """A copy of tiny_data's repository at `dest` (git history, DVC cache and data stage outputs included)."""
+    shutil.copytree(tiny_data[0], dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture
+def tiny_copy(tiny_data, tmp_path) -> Path:
+    """A copy of the session's tiny repository, its data stages done (tiny_data), for one test."""
+    return tiny_repo(tiny_data, tmp_path / "repo")
 
 
 def free_port() -> int:

@@ -17,7 +17,9 @@ SPREAD_MODULES = {"test_training.py"}
 # test_multinode's follower test (about 1.7 min alone: a tiny `dvc repro` across two agents) and
 # test_gpu_check's CPU smoke run (about 1 min); later that day test_experiment_lock's plain `dvc exp run`
 # trial (1.7 min in all), test_refused_before_deletion (0.8, six real `dvc repro`) and test_method_names (0.3).
-LONGEST_FIRST = ["test_pipeline.py", "test_flows.py", "test_multinode.py", "test_workers.py", "test_tracking.py",
+# test_workers goes second: it does not use the session's tiny repository (conftest.tiny_data), which the first
+# module builds while the second would wait for it.
+LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py",
                  "test_performance.py", "test_experiment_lock.py", "test_gpu_check.py",
                  "test_refused_before_deletion.py", "test_method_names.py"]
 

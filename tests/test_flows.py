@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import free_port, run_env, start_mlflow_server, tiny_params, write_params
+from conftest import free_port, run_env, start_mlflow_server, tiny_params, tiny_repo, write_params
 from flows.dvcrun import expanded_stages
 
 
@@ -218,10 +218,12 @@ def latest_evaluation(client, training_run):
                               order_by=["attributes.start_time DESC"])[0]
 
 
-@pytest.fixture
-def served(repo_copy, prefect_server, mlflow_server):
+@pytest.fixture(scope="module")
+def served(tiny_data, tmp_path_factory, prefect_server, mlflow_server):
     """The deployments served from a committed repository copy with tiny params, two methods (the flows run
-    each stage of the graph alike; test_pipeline runs every method); yields (repo, client, log)."""
+    each stage of the graph alike; test_pipeline runs every method), its data stages done, for the module's
+    flow runs one after the other; yields (repo, client, log)."""
+    repo_copy = tiny_repo(tiny_data, tmp_path_factory.mktemp("served") / "repo")
     write_params(repo_copy, tiny_params(methods=["udddm", "edm"], finetune={"methods": []}))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run([*git, "add", "-A"], cwd=repo_copy, check=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, free_port, run_env, tiny_params
+from conftest import ROOT, free_port, run_env, tiny_params, write_params
 from dddm.data import prepare_dataset
 
 LAUNCH = [sys.executable, "-m", "pipeline.launch", "pipeline.train", "--method", "udddm",
@@ -187,13 +187,11 @@ def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launch
 
 
 @pytest.mark.slow
-def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path):
+def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path, tiny_copy):
     """DVC exits on SIGTERM without stopping its command: the launcher notices and torchrun stops its workers.
     DVC runs its command with $SHELL -c: /bin/sh (dash) keeps the launcher as its child, so the launcher
     watches DVC itself (bash execs the command, and the launcher's parent-death signal suffices)."""
-    from conftest import copy_repo, write_params
-
-    repo = copy_repo(tmp_path / "repo")
+    repo = tiny_copy
     write_params(repo, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"epochs": 500, "nproc": 2}))
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@udddm"], cwd=repo,
                            env=run_env(SHELL="/bin/sh"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -210,13 +208,11 @@ def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path):
 
 
 @pytest.mark.slow
-def test_node_0_runs_dvc_repro_and_the_other_node_follows_with_one_command(tmp_path):
+def test_node_0_runs_dvc_repro_and_the_other_node_follows_with_one_command(tmp_path, tiny_copy):
     """The README's two commands: `dvc repro` on node 0, `python -m pipeline.follow` on the other, started at
     once; the follower waits for node 0 to pass check/prepare/classifier, joins the train stage with dvc.yaml's
     command, and a second follower finds nothing to run."""
-    from conftest import copy_repo, write_params
-
-    repo = copy_repo(tmp_path / "repo")
+    repo = tiny_copy
     write_params(repo, tiny_params(
         methods=["udddm"], finetune={"methods": []}, score={"untrained_baseline": False},
         train={"epochs": 2, "batch_size": 128, "nnodes": 2, "eval_every": 0},

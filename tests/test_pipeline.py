@@ -11,18 +11,14 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_repo, run_env, tiny_params, write_params
+from conftest import dvc_run as dvc, run_env, stages_run, tiny_params, tiny_repo, write_params
 
 pytestmark = pytest.mark.slow
 METHODS = ("udddm", "ict", "edm", "ect", "cd")  # ect, cd: fine-tuned from edm's model (cd distilling it)
 
 
-def dvc(repo, *args):
-    return subprocess.run(["dvc", *args], cwd=repo, env=run_env(), capture_output=True, text=True, timeout=900)
-
-
 def ran(result) -> list[str]:
-    return [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    return stages_run(result.stdout)
 
 
 def snapshot(repo) -> dict[str, str]:
@@ -32,21 +28,20 @@ def snapshot(repo) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory):
-    """One tiny `dvc repro` of the whole graph, shared by the tests that only read or re-run it."""
-    repo = copy_repo(tmp_path_factory.mktemp("pipeline") / "repo")
-    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):
-        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
-    write_params(repo, tiny_params())
+def reproduced(tmp_path_factory, tiny_data):
+    """One tiny `dvc repro` of the whole graph, shared by the tests that only read or re-run it: the rest of the
+    graph, in a copy of the session's tiny repository whose data stages have run (tiny_data, from nothing)."""
+    repo = tiny_repo(tiny_data, tmp_path_factory.mktemp("pipeline") / "repo")
     first = dvc(repo, "repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     return repo, first
 
 
-def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduced):
+def test_dvc_repro_trains_samples_and_scores_every_method_then_compares(reproduced, tiny_data):
     repo, first = reproduced
-    assert ran(first)[:4] == ["Running stage 'check':", "Running stage 'prepare':", "Running stage 'classifier':",
-                              "Running stage 'reference':"]
+    assert stages_run(tiny_data[1]) == ["Running stage 'check':", "Running stage 'prepare':",
+                                        "Running stage 'classifier':", "Running stage 'reference':"]
+    assert stages_run(first.stdout)[0] == "Running stage 'train@udddm':", first.stdout  # the data stages are done
     info = json.loads((repo / "data/prepared.json").read_text())
     assert info["num_samples"] == 1797 and info["channels"] == 1 and info["image_size"] == 8
     nfe = {"udddm": (1, 2), "ict": (1, 2), "edm": (7,), "ect": (1, 2), "cd": (1, 2)}  # tiny: EDM with 4 Heun steps
@@ -128,6 +123,23 @@ def test_plots_compare_the_methods(reproduced):
     assert "<script src" not in page and "window.vegaEmbed=" in page and page.count("vegaEmbed('#") == charts
 
 
+def kept_files(repo) -> dict:
+    """params.yaml, dvc.lock and every file under out/, with their bytes (the cache: false outputs have no copy in
+    DVC's cache, so `dvc checkout` cannot bring them back)."""
+    return {p: p.read_bytes() for p in [repo / "params.yaml", repo / "dvc.lock", *(repo / "out").rglob("*")]
+            if p.is_file()}
+
+
+def restore(repo, kept: dict) -> None:
+    """The workspace as kept_files found it: the files it kept, and no file under out/ it did not keep."""
+    for path in (repo / "out").rglob("*"):
+        if path.is_file() and path not in kept:
+            path.unlink()
+    for path, content in kept.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+
 def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(reproduced):
     repo, _ = reproduced
     # the stages ran with bytecode writing on (run_env), so the code deps hold fresh __pycache__ dirs
@@ -137,12 +149,16 @@ def test_second_repro_is_a_noop_and_a_sampler_change_reruns_only_that_method(rep
     assert ran(again) == [], again.stdout
     status = dvc(repo, "status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout
+    kept = kept_files(repo)
     write_params(repo, tiny_params(sampler={"ict": {"steps": [1]}}))
-    third = dvc(repo, "repro")
-    assert third.returncode == 0, third.stderr
-    assert ran(third) == ["Running stage 'check':", "Running stage 'sample@ict':", "Running stage 'score@ict':",
-                          "Running stage 'compare':", "Running stage 'register':"], third.stdout
-    assert not (repo / "out/samples/ict/2-step.npz").exists()
+    try:
+        third = dvc(repo, "repro")
+        assert third.returncode == 0, third.stderr
+        assert ran(third) == ["Running stage 'check':", "Running stage 'sample@ict':", "Running stage 'score@ict':",
+                              "Running stage 'compare':", "Running stage 'register':"], third.stdout
+        assert not (repo / "out/samples/ict/2-step.npz").exists()
+    finally:
+        restore(repo, kept)  # the next tests start from the tiny params' outputs, without a repro back to them
 
 
 INVALID = [  # (mutation of the tiny params, the key the error must name)
@@ -190,8 +206,6 @@ def test_invalid_params_stop_before_any_output_is_removed(reproduced):
     """An invalid params.yaml stops `dvc repro` in the check stage, naming the key, with every file under
     out/ and data/ byte-identical afterwards: a type error, a value the machine cannot give, a missing path."""
     repo, _ = reproduced
-    write_params(repo, tiny_params())
-    assert dvc(repo, "repro").returncode == 0
     before = snapshot(repo)
     assert len(before) > 30
     for mutation, key in (INVALID[2], INVALID[10], INVALID[18]):  # epochs "3", /proc/nope, cifar10 without a path
@@ -225,7 +239,7 @@ def test_a_failing_stage_s_own_message_is_the_task_s_failure_message(reproduced)
     repo, _ = reproduced
     # what the failures change: the check stage passes the second case's params and records them in dvc.lock;
     # the failed train stage removes its outputs, the cache: false ones (train_info.json, ...) with no copy in DVC's cache
-    kept = {p: p.read_bytes() for p in [repo / "dvc.lock", *(repo / "out").rglob("*")] if p.is_file()}
+    kept = kept_files(repo)
     cases = [(tiny_params(train={"epochs": 0}), "check", "train.epochs"),
              (tiny_params(train={"epochs": 2, "lr": 1e30}), "train@udddm", "non-finite loss")]  # under torchrun
     try:
@@ -241,10 +255,7 @@ def test_a_failing_stage_s_own_message_is_the_task_s_failure_message(reproduced)
             errors = [text for level, text in logger.records if level == "ERROR"]
             assert len(errors) == 1 and key in errors[0], logger.records[-5:]
     finally:
-        write_params(repo, tiny_params())
-        for path, content in kept.items():  # the next tests read them
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
+        restore(repo, kept)  # the next tests read them
         assert "up to date" in dvc(repo, "status").stdout
 
 

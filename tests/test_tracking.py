@@ -45,17 +45,17 @@ def stage(repo, name, uri):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server):
+def test_a_run_logs_params_tags_metrics_grids_and_model(tiny_copy, mlflow_server):
     params = tiny_params(train={"epochs": 2, "nproc": 2}, tracking={"experiment": "test-exp", "grid_every_epochs": 1})
-    write_params(repo_copy, params)
+    write_params(tiny_copy, params)
     said = {}
-    for name in ("prepare", "classifier", "reference", "train@udddm", "sample@udddm", "score@udddm"):
-        result = stage(repo_copy, name, mlflow_server)
+    for name in ("train@udddm", "sample@udddm", "score@udddm"):  # after the data stages (tiny_copy)
+        result = stage(tiny_copy, name, mlflow_server)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Pickle" not in result.stderr, name  # MLflow's warning for pickled models
         said[name] = result.stdout + result.stderr
 
-    ref = json.loads((repo_copy / "out/train/udddm/mlflow_run.json").read_text())
+    ref = json.loads((tiny_copy / "out/train/udddm/mlflow_run.json").read_text())
     assert ref["tracking_uri"] == mlflow_server
     client = MlflowClient(mlflow_server)
     run = client.get_run(ref["run_id"])
@@ -75,17 +75,17 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert len(tags["mlflow.source.git.commit"]) > 0
     assert tags["mlflow.source.name"] == "pipeline/train.py" and tags["mlflow.source.type"] == "LOCAL"
     assert tags["mlflow.user"]
-    assert tags["workspace"] == str(repo_copy) and tags["host"]  # two clones on one host told apart
+    assert tags["workspace"] == str(tiny_copy) and tags["host"]  # two clones on one host told apart
     # one link, in MLflow's model-training layout; not MLflow's own "View run" / "View experiment" lines
     page = f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert f"MLflow run: {page}" in said["train@udddm"] and "View experiment" not in said["train@udddm"]
     method, process, source, digest = run.info.run_name.split("-")  # readable: method, process, data, config
     assert (method, process, source) == ("udddm", "vp", "digits") and len(digest) == 8
     [dataset] = run.inputs.dataset_inputs
-    prepared = json.loads((repo_copy / "data/prepared.json").read_text())
+    prepared = json.loads((tiny_copy / "data/prepared.json").read_text())
     assert dataset.dataset.name == "digits" and prepared["fingerprint"].startswith(dataset.dataset.digest)
-    assert json.loads(dataset.dataset.source)["uri"] == str(repo_copy / "data/prepared.arrow")
-    steps = len((repo_copy / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
+    assert json.loads(dataset.dataset.source)["uri"] == str(tiny_copy / "data/prepared.arrow")
+    steps = len((tiny_copy / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     for key in ("guide", "iterative", "weight", "lr", "img_per_s", "store_bytes"):
@@ -102,7 +102,7 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert [(i["name"], list(i["tensor-spec"]["shape"])) for i in signature] == \
         [(n, [-1, 1, 8, 8]) for n in ("x0_est", "x_t")] + [("noise_label", [-1])]
     exported = mlflow.pytorch.load_model(local)
-    ema = load_model(repo_copy / "out/train/udddm/model.pt").net
+    ema = load_model(tiny_copy / "out/train/udddm/model.pt").net
     generator = torch.Generator().manual_seed(0)
     x0_est, x_t = (torch.randn(3, 1, 8, 8, generator=generator) for _ in range(2))
     noise_label = torch.rand(3, generator=generator)
@@ -111,7 +111,7 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert "nfe1/fid_classifier" not in run.data.metrics  # scores go to the evaluation's own run:
     [evaluation] = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     # but the headline, the fewest-step FID, is on the training run too (a column of the runs list)
-    scores = json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())
+    scores = json.loads((tiny_copy / "out/score/udddm/metrics.json").read_text())
     assert run.data.metrics["fid_classifier"] == pytest.approx(scores["nfe1"]["fid_classifier"])
     assert run.data.tags["headline"] == "nfe1/fid_classifier"
     assert run.data.tags["headline_evaluation"] == evaluation.info.run_id
@@ -119,62 +119,60 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(repo_copy, mlflow_server
     assert evaluation.data.params["sampler.udddm.steps"] == "[1, 2]" and "train.lr" not in evaluation.data.params
     samples = {a.path for a in client.list_artifacts(evaluation.info.run_id, "samples")}
     assert samples == {"samples/1-step.png", "samples/2-step.png"}
-    scores = json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())
+    scores = json.loads((tiny_copy / "out/score/udddm/metrics.json").read_text())
     assert evaluation.data.metrics["nfe1/fid_classifier"] == pytest.approx(scores["nfe1"]["fid_classifier"])
     linked = {m.key: (m.value, m.run_id) for m in client.get_logged_model(model.model_id).metrics}  # on the model's page
     assert linked["nfe1/fid_classifier"] == (pytest.approx(scores["nfe1"]["fid_classifier"]), evaluation.info.run_id)
 
 
-def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(repo_copy, tmp_path):
+def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(tiny_copy, tmp_path):
     """The issue's trial: the server stopped after training; the score stage wrote metrics.json, then its
     TrackingUnavailable failed the stage (and `dvc repro`, and the flow)."""
-    write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
+    write_params(tiny_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
                                         score={"untrained_baseline": False}, tracking={"grid_every_epochs": 0}))
     server, uri = start_mlflow_server(tmp_path, free_port())
     try:
-        for name in ("prepare", "reference", "train@udddm", "sample@udddm"):
-            result = stage(repo_copy, name, uri)
+        for name in ("train@udddm", "sample@udddm"):
+            result = stage(tiny_copy, name, uri)
             assert result.returncode == 0, result.stderr[-3000:]
     finally:
         kill_server(server)
-    result = stage(repo_copy, "score@udddm", uri)
+    result = stage(tiny_copy, "score@udddm", uri)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"score: WARNING: udddm: scores not logged to MLflow: "
                                                          f"MLflow tracking server {uri} is unreachable"), result.stderr
     assert "Traceback" not in result.stderr and "score: udddm," in result.stdout  # the summary table
-    assert json.loads((repo_copy / "out/score/udddm/metrics.json").read_text())["nfe1"]["fid_classifier"] > 0
+    assert json.loads((tiny_copy / "out/score/udddm/metrics.json").read_text())["nfe1"]["fid_classifier"] > 0
 
 
-def test_unreachable_server_fails_at_start_naming_the_uri(repo_copy):
-    write_params(repo_copy, tiny_params())
-    assert stage(repo_copy, "prepare", "").returncode == 0
+def test_unreachable_server_fails_at_start_naming_the_uri(tiny_copy):
+    write_params(tiny_copy, tiny_params())
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.time()
-    result = stage(repo_copy, "train@udddm", uri)
+    result = stage(tiny_copy, "train@udddm", uri)
     assert result.returncode != 0
     assert uri in result.stderr and "unreachable" in result.stderr
     assert time.time() - started < 60
-    assert not (repo_copy / "out/train/udddm/model.pt").exists()
+    assert not (tiny_copy / "out/train/udddm/model.pt").exists()
 
 
-def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(repo_copy, tmp_path):
+def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(tiny_copy, tmp_path):
     """A SQLite URI that cannot be opened is named at once (MLflow itself retries for two minutes);
     a resume whose MLflow run is not in the current tracking store says so instead of a traceback."""
-    write_params(repo_copy, tiny_params())
-    assert stage(repo_copy, "prepare", "").returncode == 0
+    write_params(tiny_copy, tiny_params())
     bad = "sqlite:////proc/x.db"
-    result = stage(repo_copy, "train@udddm", bad)
+    result = stage(tiny_copy, "train@udddm", bad)
     assert result.returncode != 0
     # the worker's own line (torchrun's agent prints its failure summary after it)
     lines = result.stderr.strip().splitlines()
     assert any(line.startswith(f"train: MLflow tracking database {bad} cannot be opened") for line in lines), lines[-20:]
 
-    first = stage(repo_copy, "train@udddm", f"sqlite:///{tmp_path}/a.db")
+    first = stage(tiny_copy, "train@udddm", f"sqlite:///{tmp_path}/a.db")
     assert first.returncode == 0, first.stderr[-3000:]
-    run_id = json.loads((repo_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((tiny_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"]
     other = f"sqlite:///{tmp_path}/b.db"
-    result = stage(repo_copy, "train@udddm", other)  # resumes from the final checkpoint
+    result = stage(tiny_copy, "train@udddm", other)  # resumes from the final checkpoint
     assert result.returncode != 0
     said = [line for line in result.stderr.strip().splitlines()
             if line.startswith(f"train: MLflow run {run_id}, which this training run logged into")]
@@ -221,16 +219,15 @@ def test_image_grid_enlarges_small_images():
     assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 3  # make_grid: RGB
 
 
-def test_a_tracking_server_killed_mid_run_does_not_stop_training(repo_copy, tmp_path):
+def test_a_tracking_server_killed_mid_run_does_not_stop_training(tiny_copy, tmp_path):
     """The issue's trial: the server killed with kill -9 while the train stage runs (and not restarted).
     Training finishes with its outputs; one warning when the tracking fails, one naming what the run
     lacks; mlflow_run.json says so."""
-    write_params(repo_copy, tiny_params(train={"epochs": 8, "batch_size": 64, "eval_every": 0},
+    write_params(tiny_copy, tiny_params(train={"epochs": 8, "batch_size": 64, "eval_every": 0},
                                         tracking={"experiment": "dies", "grid_every_epochs": 1}))
-    assert stage(repo_copy, "prepare", "").returncode == 0
     server, uri = start_mlflow_server(tmp_path, free_port())
     try:
-        train = subprocess.Popen(stage_command(repo_copy, "train@udddm"), cwd=repo_copy,
+        train = subprocess.Popen(stage_command(tiny_copy, "train@udddm"), cwd=tiny_copy,
                                  env=run_env(MLFLOW_TRACKING_URI=uri), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         client = MlflowClient(uri)
@@ -246,7 +243,7 @@ def test_a_tracking_server_killed_mid_run_does_not_stop_training(repo_copy, tmp_
     finally:
         kill_server(server)
     assert train.returncode == 0, stderr[-3000:]
-    out = repo_copy / "out/train/udddm"
+    out = tiny_copy / "out/train/udddm"
     assert load_model(out / "model.pt").method.name == "udddm"
     assert len((out / "loss.tsv").read_text().splitlines()) == 1 + 8 * 29
     assert stderr.count(f"MLflow tracking at {uri} failed") == 1, stderr[-3000:]

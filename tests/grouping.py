@@ -10,13 +10,11 @@ import pytest
 SPREAD_MODULES = {"test_training.py"}
 # The longest modules are handed out first, so that no worker starts one near the end while the other
 # idles; the spread modules' single tests fill in last (test_training.py lists its longest first).
-# Measured under make test on 2026-12-03 (a 2-core AMD EPYC, 18 min 17 s in all; each test's time from
-# the worker's previous test to its own end): test_pipeline 7.8 minutes, test_flows 5.8, test_workers 4.0,
-# test_tracking 3.5, test_performance 2.8 (torch.compile with an empty inductor cache, as on a fresh
-# machine: 2 min alone, 13 s once cached), test_multinode 2.5, test_experiment_lock 0.8. Added 2026-12-07:
-# test_multinode's follower test (about 1.7 min alone: a tiny `dvc repro` across two agents) and
-# test_gpu_check's CPU smoke run (about 1 min); later that day test_experiment_lock's plain `dvc exp run`
-# trial (1.7 min in all), test_refused_before_deletion (0.8, six real `dvc repro`) and test_method_names (0.3).
+# Measured in a fresh clone's CI run on 2026-12-07 (a 2-core AMD EPYC, 17 min 44 s in all; seconds of a worker,
+# summed over the module's tests among the 60 longest): test_flows 409, test_pipeline 365, test_training 211
+# (spread), test_workers 168, test_tracking 165, test_multinode 160, test_performance 81 (torch.compile with an
+# empty inductor cache, as on a fresh machine; about 10 s once cached), test_experiment_lock 72, test_gpu_check
+# 42, test_refused_before_deletion 36. README, "The suite's time".
 # test_workers goes second: it does not use the session's tiny repository (conftest.tiny_data), which the first
 # module builds while the second would wait for it.
 LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py",

@@ -144,6 +144,7 @@ def tiny_data(tmp_path_factory) -> tuple[Path, str]:
     with open(shared / "tiny-data.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not log.is_file():
+            shutil.rmtree(repo, ignore_errors=True)  # what a failed build on another worker left
             repo.mkdir(parents=True)
             copy_repo(repo)
             git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import free_port, run_env, start_mlflow_server, tiny_params, tiny_repo, write_params
+from conftest import dvc_run, free_port, run_env, start_mlflow_server, tiny_params, tiny_repo, write_params
 from flows.dvcrun import expanded_stages
 
 
@@ -205,8 +205,7 @@ def artifact(api: str, key: str, flow_run_id) -> str:
 
 
 def dvc(repo: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=run_env(), capture_output=True,
-                            text=True)
+    result = dvc_run(repo, *args)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 

@@ -187,7 +187,7 @@ def test_several_nodes_without_an_endpoint_are_refused_before_anything_is_launch
 
 
 @pytest.mark.slow
-def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tmp_path, tiny_copy):
+def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tiny_copy):
     """DVC exits on SIGTERM without stopping its command: the launcher notices and torchrun stops its workers.
     DVC runs its command with $SHELL -c: /bin/sh (dash) keeps the launcher as its child, so the launcher
     watches DVC itself (bash execs the command, and the launcher's parent-death signal suffices)."""

@@ -70,6 +70,10 @@ class TrackingConfig(Section):
     experiment: str = Field(min_length=1, max_length=500)  # MLflow experiment name (MLflow takes at most 500)
     grid_every_epochs: int = Field(ge=0)  # EMA sample grids as artifacts; 0 = none
     register_models: bool  # the register stage: each method's model into the MLflow Model Registry
+    # each training run's EMA network as an MLflow model (pt2: about 5 s of a tiny train stage, more for larger
+    # networks); false: none, and nothing to register. params.yaml must have it (load_config); a model file
+    # written before it existed has not, and logged its model
+    log_model: bool = True
 
 
 class LimitsConfig(Section):
@@ -159,6 +163,9 @@ def _check_consistency(cfg: Config) -> None:
                           "(host:port of the node whose agent hosts the rendezvous, reachable from every node)")
     cfg.data.check_path()
     _check_finetune(cfg)
+    if cfg.tracking.register_models and not cfg.tracking.log_model:
+        raise ConfigError("tracking.register_models: true registers each training run's logged model; with "
+                          "tracking.log_model: false there is none (set register_models: false, or log_model: true)")
 
 
 def _check_finetune(cfg: Config) -> None:
@@ -218,8 +225,15 @@ def parse_config(raw: dict, source: str = "params") -> Config:
     return cfg
 
 
+# keys params.yaml must have that the params stored in an older model file lack (their defaults are what such a
+# file's run did)
+REQUIRED_IN_PARAMS = ("limits", "tracking.log_model")
+
+
 def load_config(path: str | Path = "params.yaml") -> Config:
     raw = read_params(path)
-    if "limits" not in raw:
-        raise ConfigError(f"{path}: limits: Field required")
+    for key in REQUIRED_IN_PARAMS:
+        section, _, name = key.partition(".")
+        if section not in raw or (name and isinstance(raw[section], dict) and name not in raw[section]):
+            raise ConfigError(f"{path}: {key}: Field required")
     return parse_config(raw, str(path))

@@ -106,7 +106,8 @@ def main() -> None:
                 curve.write_tsv(out / "curve.tsv")
             else:  # train.eval_every 0: no points, the file DVC expects
                 write_curve_tsv(out / "curve.tsv", [], [])
-            tracker.log_model(checkpoint.load_model(result.model_path).net)
+            if cfg.tracking.log_model:
+                tracker.log_model(checkpoint.load_model(result.model_path).net)
             tracker.finish()
             write_run_reference(out / "mlflow_run.json", tracker.run_id, tracker.incomplete())
     except (TrainingDiverged, TrackingUnavailable, checkpoint.CheckpointError, runlock.RunLocked) as e:

@@ -65,6 +65,11 @@ def tracking_uri_kept():
         mlflow.set_tracking_uri(before)
 
 
+# tracking overrides for a test that reads neither the MLflow model nor the registry: the train stage skips the
+# model's export (about 5 s of a tiny train stage) and the register stage has nothing to register
+NO_MLFLOW_MODEL = {"log_model": False, "register_models": False}
+
+
 def tiny_params(**overrides) -> dict:
     return merge(merge(repo_params(), TINY), overrides)
 

@@ -59,6 +59,7 @@ def test_repo_params_load():
     ({"rendezvous": {"timeout": 0}}, "rendezvous.timeout"),
     ({"data": {"source": "cifar10", "path": None}}, "data.path"),
     ({"data": {"source": "mnist"}}, "data.source"),
+    ({"tracking": {"register_models": True, "log_model": False}}, "tracking.register_models"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -77,6 +78,21 @@ def test_missing_section_and_file(tmp_path):
         parse_config(raw)
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_keys_an_older_model_file_lacks_are_required_in_params_yaml(tmp_path):
+    """limits and tracking.log_model came after the first model files: the params such a file stores validate
+    without them (its run logged its model), params.yaml does not."""
+    for section, key in (("limits", None), ("tracking", "log_model")):
+        raw = repo_params()
+        if key:
+            del raw[section][key]
+        else:
+            del raw[section]
+        assert parse_config(raw).tracking.log_model  # a model file's params
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(ConfigError, match=rf"{section}{'.' + key if key else ''}: Field required"):
+            load_config(tmp_path / "params.yaml")
 
 
 def test_geometric_ve_schedule_from_yaml_inf(tmp_path):

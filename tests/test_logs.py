@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import run_env, stage_command, tiny_params, write_params
+from conftest import NO_MLFLOW_MODEL, run_env, stage_command, tiny_params, write_params
 from dddm.progress import IntervalLog, progress
 from flows.dvcrun import CondensedLog
 
@@ -133,7 +133,8 @@ def test_the_train_stage_says_no_more_at_6_epochs_than_at_2(repo_copy):
     said = {}
     for epochs in (2, 6):
         write_params(repo_copy, tiny_params(methods=["udddm"], finetune={"methods": []},
-                                            train={"epochs": epochs, "batch_size": 64, "eval_every": 0}))
+                                            train={"epochs": epochs, "batch_size": 64, "eval_every": 0},
+                                            tracking=NO_MLFLOW_MODEL))
         if not said:
             run("prepare")
         said[epochs] = [line for line in run("train@udddm").splitlines() if " dddm." in line]  # not MLflow's

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, free_port, run_env, tiny_params, write_params
+from conftest import NO_MLFLOW_MODEL, ROOT, free_port, run_env, tiny_params, write_params
 from dddm.data import prepare_dataset
 
 LAUNCH = [sys.executable, "-m", "pipeline.launch", "pipeline.train", "--method", "udddm",
@@ -40,7 +40,7 @@ def params(tmp_path: Path, name: str, nproc: int, nnodes: int, timeout: int = 60
         train={"epochs": 4, "batch_size": 128, "nproc": nproc, "nnodes": nnodes, "checkpoint_every": 5,
                "checkpoint_dir": str(tmp_path / name / "checkpoints"), "eval_every": 0},  # curves: test_finetune
         rendezvous={"endpoint": f"127.0.0.1:{free_port()}", "id": name, "timeout": timeout},
-        tracking={"experiment": name})))
+        tracking={"experiment": name, **NO_MLFLOW_MODEL})))
     return path
 
 
@@ -192,7 +192,8 @@ def test_sigterm_to_dvc_repro_stops_the_launcher_and_every_worker(tiny_copy):
     DVC runs its command with $SHELL -c: /bin/sh (dash) keeps the launcher as its child, so the launcher
     watches DVC itself (bash execs the command, and the launcher's parent-death signal suffices)."""
     repo = tiny_copy
-    write_params(repo, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"epochs": 500, "nproc": 2}))
+    write_params(repo, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"epochs": 500, "nproc": 2},
+                                   tracking=NO_MLFLOW_MODEL))
     dvc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train@udddm"], cwd=repo,
                            env=run_env(SHELL="/bin/sh"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -215,7 +216,7 @@ def test_node_0_runs_dvc_repro_and_the_other_node_follows_with_one_command(tmp_p
     repo = tiny_copy
     write_params(repo, tiny_params(
         methods=["udddm"], finetune={"methods": []}, score={"untrained_baseline": False},
-        train={"epochs": 2, "batch_size": 128, "nnodes": 2, "eval_every": 0},
+        train={"epochs": 2, "batch_size": 128, "nnodes": 2, "eval_every": 0}, tracking=NO_MLFLOW_MODEL,
         rendezvous={"endpoint": f"127.0.0.1:{free_port()}", "id": "follow", "timeout": 120}))
     env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     env.pop("OMP_NUM_THREADS")

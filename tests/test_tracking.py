@@ -14,9 +14,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, run_env, stage_command, start_mlflow_server, tiny_params, write_params
+from conftest import NO_MLFLOW_MODEL, free_port, run_env, stage_command, start_mlflow_server, tiny_params, write_params
 from dddm.checkpoint import load_model
-from dddm.pixels import image_grid
+from dddm.pixels import image_grid, to_uint8
 from dddm.compute import threads_per_process
 from dddm.tracking import flatten
 
@@ -129,12 +129,16 @@ def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_
     """The issue's trial: the server stopped after training; the score stage wrote metrics.json, then its
     TrackingUnavailable failed the stage (and `dvc repro`, and the flow)."""
     write_params(tiny_copy, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
-                                        score={"untrained_baseline": False}, tracking={"grid_every_epochs": 0}))
+                                        score={"untrained_baseline": False},
+                                        tracking={"grid_every_epochs": 0, **NO_MLFLOW_MODEL}))
     server, uri = start_mlflow_server(tmp_path, free_port())
     try:
         for name in ("train@udddm", "sample@udddm"):
             result = stage(tiny_copy, name, uri)
             assert result.returncode == 0, result.stderr[-3000:]
+        run = MlflowClient(uri).get_run(json.loads((tiny_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"])
+        assert run.info.status == "FINISHED"  # tracking.log_model: false: a run without a model
+        assert not MlflowClient(uri).search_logged_models([run.info.experiment_id])
     finally:
         kill_server(server)
     result = stage(tiny_copy, "score@udddm", uri)
@@ -160,7 +164,7 @@ def test_unreachable_server_fails_at_start_naming_the_uri(tiny_copy):
 def test_a_bad_or_changed_tracking_uri_fails_at_start_naming_it(tiny_copy, tmp_path):
     """A SQLite URI that cannot be opened is named at once (MLflow itself retries for two minutes);
     a resume whose MLflow run is not in the current tracking store says so instead of a traceback."""
-    write_params(tiny_copy, tiny_params())
+    write_params(tiny_copy, tiny_params(train={"eval_every": 0}, tracking=NO_MLFLOW_MODEL))
     bad = "sqlite:////proc/x.db"
     result = stage(tiny_copy, "train@udddm", bad)
     assert result.returncode != 0
@@ -214,9 +218,18 @@ def test_a_copied_repository_logs_into_its_own_mlruns(tmp_path):
     assert db.get_run(first["run"]).info.artifact_uri.startswith(str(copy / "mlruns"))
 
 
-def test_image_grid_enlarges_small_images():
+def test_image_grid_enlarges_small_images_and_tiles_them_as_torchvision_does():
+    from torchvision.utils import make_grid
+
     grid = image_grid(torch.zeros(10, 1, 8, 8))
-    assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 3  # make_grid: RGB
+    assert grid.dtype.name == "uint8" and grid.shape[0] > 32 and grid.shape[2] == 3  # RGB
+    generator = torch.Generator().manual_seed(0)
+    for n, channels, side in ((64, 1, 8), (10, 1, 8), (100, 1, 16), (7, 3, 32), (2, 3, 28)):
+        images = torch.rand(n, channels, side, side, generator=generator) * 2 - 1
+        scale = max(1, -(-32 // side))  # enlarged to at least 32 pixels, as image_grid does
+        tiles = to_uint8(images[:64]).repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+        expected = make_grid(tiles, nrow=8, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+        assert (image_grid(images) == expected).all(), (n, channels, side)
 
 
 def test_a_tracking_server_killed_mid_run_does_not_stop_training(tiny_copy, tmp_path):

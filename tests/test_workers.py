@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import copy_repo, run_env, tiny_params, write_params
+from conftest import NO_MLFLOW_MODEL, copy_repo, run_env, tiny_params, write_params
 from test_flows import (QUIET, mlflow_process, mlflow_server, prefect_client, prefect_server, start,  # noqa: F401 (fixtures)
                         stop)
 
@@ -37,7 +37,8 @@ def test_a_sweep_across_the_pool_runs_two_points_at_once_on_workers_in_other_clo
 
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
     here = copy_repo(tmp_path / "a")  # the clone that deploys and triggers
-    write_params(here, tiny_params(methods=["udddm"], finetune={"methods": []}))
+    write_params(here, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
+                                   tracking=NO_MLFLOW_MODEL))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     sh([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], here)
     sh(["git", "init", "-q", "--bare", str(origin)], tmp_path)

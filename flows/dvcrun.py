@@ -33,8 +33,8 @@ TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|is 
 STAGE_ERROR = re.compile(r"^(check|prepare|classifier|reference|train|sample|score|compare|register): ")
 NOT_THE_STAGE = re.compile(r"^(ERROR:|Traceback|\s+File |\[\d|\[rank|=+$|[a-z_.]*Error\b|torch\.distributed)")
 
-# DVC's lines that each task would repeat: a `dvc repro <stage>` names every unchanged stage upstream of it
-# (condensed into one line), and after every stage it runs says it updates dvc.lock and advises
+# DVC's lines that each task would repeat: a `dvc repro` names every unchanged stage it checked (a matrix's
+# methods; condensed into one line), and after every stage it runs says it updates dvc.lock and advises
 # git/autostage/push (dropped from the log: the flow saves the experiment itself).
 SKIPPED = re.compile(r"^Stage '(.+)' didn't change, skipping$")
 ADVICE = re.compile(r"^(Updating lock file |Data and pipelines are up to date\.|To track the changes with git, run:|"

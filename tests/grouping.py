@@ -15,10 +15,10 @@ SPREAD_MODULES = {"test_training.py"}
 # (spread), test_workers 168, test_tracking 165, test_multinode 160, test_performance 81 (torch.compile with an
 # empty inductor cache, as on a fresh machine; about 10 s once cached), test_experiment_lock 72, test_gpu_check
 # 42, test_refused_before_deletion 36. README, "The suite's time".
-# test_workers goes second: it does not use the session's tiny repository (conftest.tiny_data), which the first
-# module builds while the second would wait for it.
-LONGEST_FIRST = ["test_pipeline.py", "test_workers.py", "test_flows.py", "test_multinode.py", "test_tracking.py",
-                 "test_performance.py", "test_experiment_lock.py", "test_gpu_check.py",
+# test_performance goes second: it does not use the session's tiny repository (conftest.tiny_data), which the
+# first module builds while the second would wait for it.
+LONGEST_FIRST = ["test_pipeline.py", "test_performance.py", "test_workers.py", "test_flows.py", "test_multinode.py",
+                 "test_tracking.py", "test_experiment_lock.py", "test_gpu_check.py",
                  "test_refused_before_deletion.py", "test_method_names.py"]
 
 

@@ -1,16 +1,19 @@
 """Workers on "other machines", rehearsed on one: prefect.yaml's work-pool deployments, two Prefect workers
 started in two more clones of the repository, real Prefect and MLflow servers on 127.0.0.1, a shared-directory
-DVC remote and a bare git repository as the remotes every clone reaches."""
+DVC remote and a bare git repository as the remotes every clone reaches. The triggering clone has run the data
+stages and pushed their outputs; the workers' clones pull them (the flow's `dvc repro --pull`) instead of
+making them again."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import NO_MLFLOW_MODEL, copy_repo, run_env, tiny_params, write_params
-from test_flows import (QUIET, mlflow_process, mlflow_server, prefect_client, prefect_server, start,  # noqa: F401 (fixtures)
-                        stop)
+from conftest import NO_MLFLOW_MODEL, run_env, tiny_params, tiny_repo, write_params
+from test_flows import (QUIET, logs_of, mlflow_process, mlflow_server, prefect_client, prefect_server,  # noqa: F401
+                        start, stop)
 
 pytestmark = pytest.mark.slow
 POINTS = [{"method.udddm.metric": "l2"}, {"method.udddm.metric": "pseudo_huber"}]
@@ -31,12 +34,12 @@ def sh(cmd, cwd, env=None) -> str:
 
 
 def test_a_sweep_across_the_pool_runs_two_points_at_once_on_workers_in_other_clones_into_the_shared_servers(
-        tmp_path, prefect_server, mlflow_server):
+        tiny_data, tmp_path, prefect_server, mlflow_server):
     from mlflow.tracking import MlflowClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     origin, remote = tmp_path / "origin.git", tmp_path / "dvc-remote"
-    here = copy_repo(tmp_path / "a")  # the clone that deploys and triggers
+    here = tiny_repo(tiny_data, tmp_path / "a")  # the clone that deploys and triggers, its data stages run
     write_params(here, tiny_params(methods=["udddm"], finetune={"methods": []}, train={"eval_every": 0},
                                    tracking=NO_MLFLOW_MODEL))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -46,6 +49,7 @@ def test_a_sweep_across_the_pool_runs_two_points_at_once_on_workers_in_other_clo
     sh(["git", "add", "-A"], here)
     sh([*git, "commit", "-qm", "tiny"], here)
     sh(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], here)
+    sh([sys.executable, "-m", "dvc", "push"], here)  # the data stages' outputs, for the workers' clones to pull
     commit = sh(["git", "rev-parse", "HEAD"], here).strip()
 
     env = run_env(**prefect_server, **QUIET, MLFLOW_TRACKING_URI=mlflow_server)
@@ -73,8 +77,13 @@ def test_a_sweep_across_the_pool_runs_two_points_at_once_on_workers_in_other_clo
         for worker in workers:
             stop(worker)
 
-    # two points at once, one on each worker
+    # two points at once, one on each worker; each clone pulled the data stages' outputs instead of making them
     assert len(runs) == 2 and all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    with prefect_client(prefect_server) as client:
+        for run in runs:
+            logs = logs_of(client, run.id, until="Running stage 'register'")
+            assert "Running stage 'train@udddm'" in logs and "Pulling data for stage: 'reference'" in logs, logs[-3000:]
+            assert not re.search(r"Running stage '(prepare|classifier|reference)'", logs), logs[-3000:]
     first, second = sorted(runs, key=lambda r: r.start_time)
     assert second.start_time < first.end_time, (first.start_time, first.end_time, second.start_time)
     took = [{r.name for r in runs if f"Flow run '{r.name}'" in (tmp_path / f"worker-{n}.log").read_text()}

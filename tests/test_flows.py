@@ -223,7 +223,8 @@ def served(tiny_data, tmp_path_factory, prefect_server, mlflow_server):
     each stage of the graph alike; test_pipeline runs every method), its data stages done, for the module's
     flow runs one after the other; yields (repo, client, log)."""
     repo_copy = tiny_repo(tiny_data, tmp_path_factory.mktemp("served") / "repo")
-    write_params(repo_copy, tiny_params(methods=["udddm", "edm"], finetune={"methods": []}))
+    # no learning curves (test_pipeline's): about 1.5 s of each train stage
+    write_params(repo_copy, tiny_params(methods=["udddm", "edm"], finetune={"methods": []}, train={"eval_every": 0}))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost"]
     subprocess.run([*git, "add", "-A"], cwd=repo_copy, check=True)
     subprocess.run([*git, "commit", "-qm", "tiny"], cwd=repo_copy, check=True)  # DVC experiments need a commit

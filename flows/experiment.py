@@ -1,8 +1,8 @@
 """One pipeline experiment as a Prefect flow.
 
 Parameter overrides go into params.yaml through DVC's own `-S` code, each dvc.yaml stage runs as its own
-task (`dvc repro --single-item <stage>`: DVC's cache and run-cache skip what did not change), and the finished workspace
-is saved as a DVC experiment (`dvc exp save`), which is what `dvc exp run -S ...` does in one command.
+task (`dvc repro --single-item <stage>`: DVC's cache and run-cache skip what did not change), and the finished
+workspace is saved as a DVC experiment (`dvc exp save`), which is what `dvc exp run -S ...` does in one command.
 A failing stage fails the flow run and rolls the workspace back to the results it had before.
 """
 
@@ -186,8 +186,9 @@ def run_stage(stage: str, repo: str, timeout_s: float, pull: bool = False) -> St
     streams into this task's log. The flow has run every stage upstream of it in the tasks before, so DVC need not
     check them again (each check re-reads the stages' dependencies: about 1 s of a task on a 21-stage graph).
     `pull` (`--pull`): an up-to-date stage's outputs missing here come from DVC's default remote instead of
-    being made again (a work pool's fresh clone: the data stages another clone ran and pushed). A failure that would repeat ends the
-    task in a Failed state carrying the stage's own message; a transient one raises, to be retried."""
+    being made again (a work pool's fresh clone: the data stages another clone ran and pushed). A failure that
+    would repeat ends the task in a Failed state carrying the stage's own message; a transient one raises, to be
+    retried."""
     try:
         dvcrun.run(["repro", "--single-item", *(["--pull"] if pull else []), stage], Path(repo), get_run_logger(),
                    timeout_s, what=f"stage {stage}")

@@ -35,7 +35,8 @@ def training(repo) -> Iterator[subprocess.Popen]:
 def test_an_experiment_is_refused_while_dvc_repro_runs_and_the_lock_stays_true(tiny_copy):
     # 4 epochs of 29 steps: the experiment is tried (in 0.2 s) while the train stage runs; no learning curve
     write_params(tiny_copy, tiny_params(methods=["edm"], finetune={"methods": []},
-                                        train={"epochs": 4, "batch_size": 64, "eval_every": 0}, tracking=NO_MLFLOW_MODEL))
+                                        train={"epochs": 4, "batch_size": 64, "eval_every": 0},
+                                        tracking=NO_MLFLOW_MODEL))
     with training(tiny_copy) as repro:
         params_before = (tiny_copy / "params.yaml").read_bytes()
         refused = subprocess.run([sys.executable, "-m", "pipeline.exp", "-S", "train.lr=0.0005"], cwd=tiny_copy,
@@ -67,7 +68,8 @@ def test_a_plain_dvc_exp_run_during_dvc_repro_leaves_no_false_lock(tiny_copy):
     for a model trained with the old one. params.yaml stays rewritten: DVC's (README, Known issues)."""
     # 15 epochs of 29 steps: training outlasts the experiment's start (DVC's, 2-3 s); a commit, which it needs
     write_params(tiny_copy, tiny_params(methods=["edm"], finetune={"methods": []},
-                                        train={"epochs": 15, "batch_size": 64, "eval_every": 0}, tracking=NO_MLFLOW_MODEL))
+                                        train={"epochs": 15, "batch_size": 64, "eval_every": 0},
+                                        tracking=NO_MLFLOW_MODEL))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "-A"], cwd=tiny_copy, check=True)
     subprocess.run([*git, "commit", "-qm", "base"], cwd=tiny_copy, check=True)

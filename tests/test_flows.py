@@ -386,8 +386,10 @@ def test_a_tracking_server_that_stops_answering_during_training_costs_no_run(ser
     assert run.state.is_completed(), f"{run.state}\n{logs[-4000:]}"
     run_id = json.loads(reference.read_text())["run_id"]
     assert f"MLflow run {run_id} is incomplete" in logs
+    # the metrics only where the stopped server had not taken them in: a batch whose request timed out sat in its
+    # socket and is processed once it runs again (tests/test_tracking.py tests that the missing steps are logged)
     assert re.search(rf"register: udddm: logged into MLflow run {run_id} what a tracking outage kept from it: "
-                     r"\d+ metrics, the model ema_model", logs), logs[-4000:]
+                     r"(\d+ metrics, )?the model ema_model", logs), logs[-4000:]
     steps = len((repo / "out/train/udddm/loss.tsv").read_text().splitlines()) - 1
     assert sorted(m.step for m in mlflow.get_metric_history(run_id, "loss")) == list(range(1, steps + 1))
     assert mlflow.get_run(run_id).info.status == "FINISHED"

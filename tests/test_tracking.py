@@ -136,7 +136,8 @@ def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_
         for name in ("train@udddm", "sample@udddm"):
             result = stage(tiny_copy, name, uri)
             assert result.returncode == 0, result.stderr[-3000:]
-        run = MlflowClient(uri).get_run(json.loads((tiny_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"])
+        run_id = json.loads((tiny_copy / "out/train/udddm/mlflow_run.json").read_text())["run_id"]
+        run = MlflowClient(uri).get_run(run_id)
         assert run.info.status == "FINISHED"  # tracking.log_model: false: a run without a model
         assert not MlflowClient(uri).search_logged_models([run.info.experiment_id])
     finally:
@@ -264,6 +265,38 @@ def test_a_tracking_server_killed_mid_run_does_not_stop_training(tiny_copy, tmp_
     reference = json.loads((out / "mlflow_run.json").read_text())
     assert "queued metrics" in reference["incomplete"] and "the model ema_model" in reference["incomplete"]
     assert "Traceback" not in stderr
+
+
+def test_complete_run_logs_what_an_outage_kept_from_a_run_from_the_train_stage_s_files(tmp_path):
+    """dddm.tracking.complete_run, as the register stage calls it after an outage: each metric's steps after the
+    last one the run holds (loss.tsv; curve.tsv's points at their epoch's last step), the model from model.pt and
+    the status; called again, it has nothing left to log."""
+    from dddm.checkpoint import save_model
+    from dddm.config import parse_config
+    from dddm.data import PreparedInfo
+    from dddm.tracking import complete_run
+    from dddm.unet import build_network
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("outage")).info.run_id
+    for step in (1, 2):  # what got through before the server went away
+        client.log_metric(run_id, "loss", 5.0 - step, step=step)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loss.tsv").write_text("step\tepoch\tloss\tlr\n" + "".join(f"{s}\t{(s - 1) // 2}\t{5 - s}\t0.1\n"
+                                                                  for s in range(1, 5)))
+    (out / "curve.tsv").write_text("epoch\timages\tfid_classifier_1step\n2\t3594\t50.0\n")
+    cfg = parse_config(tiny_params())
+    info = PreparedInfo(source="digits", num_samples=1797, image_size=8, channels=1, num_classes=10, fingerprint="f")
+    save_model(out / "model.pt", cfg, "udddm", info, build_network(cfg.model, 8, 1, "cross_attention"), images=3594)
+
+    # epoch and lr at steps 1 to 4, loss at 3 and 4, the curve point's images and FID at step 4 (epoch 2's last)
+    assert complete_run(out, uri, run_id) == ["12 metrics", "the model ema_model", "its status"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "curve/fid_classifier_1step")] == [(4, 50.0)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert complete_run(out, uri, run_id) == []
 
 
 def test_metrics_queued_while_the_server_is_away_are_sent_when_it_returns(tmp_path, monkeypatch, caplog):

@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 RECORDER = '''
-import atexit, json, os, resource, sys, time
-_started = time.monotonic()
+import atexit, json, os, resource, sys
 
 
 def _record():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     line = json.dumps({"argv": sys.argv[:8], "cpu": usage.ru_utime + usage.ru_stime,
-                       "wall": time.monotonic() - _started, "test": os.environ.get("PYTEST_CURRENT_TEST", "")})
+                       "test": os.environ.get("PYTEST_CURRENT_TEST", "")})
     with open(os.environ["SUITE_PROCESSES_LOG"], "a") as f:
         f.write(line + "\\n")
 

@@ -10,11 +10,11 @@ import pytest
 SPREAD_MODULES = {"test_training.py"}
 # The longest modules are handed out first, so that no worker starts one near the end while the other
 # idles; the spread modules' single tests fill in last (test_training.py lists its longest first).
-# Measured in a fresh clone's CI run on 2026-12-07 (a 2-core AMD EPYC, 17 min 44 s in all; seconds of a worker,
-# summed over the module's tests among the 60 longest): test_flows 409, test_pipeline 365, test_training 211
-# (spread), test_workers 168, test_tracking 165, test_multinode 160, test_performance 81 (torch.compile with an
-# empty inductor cache, as on a fresh machine; about 10 s once cached), test_experiment_lock 72, test_gpu_check
-# 42, test_refused_before_deletion 36. README, "The suite's time".
+# Measured in a fresh clone's CI run on 2026-12-07 (a 2-core AMD EPYC, 16 min 24 s in all; seconds of a worker,
+# summed over the module's tests among the 60 longest): test_pipeline 355, test_flows 340, test_training 156
+# (spread), test_tracking 153, test_workers 152, test_multinode 143, test_experiment_lock 74, test_performance 65
+# (torch.compile with an empty inductor cache, as on a fresh machine; about 12 s once cached). README, "The
+# suite's time".
 # test_performance goes second: it does not use the session's tiny repository (conftest.tiny_data), which the
 # first module builds while the second would wait for it.
 LONGEST_FIRST = ["test_pipeline.py", "test_performance.py", "test_workers.py", "test_flows.py", "test_multinode.py",

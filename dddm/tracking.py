@@ -164,6 +164,29 @@ def run_page(base: str, experiment_id: str, run_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
+def experiment_of_kind(client: MlflowClient, name: str) -> mlflow.entities.Experiment:
+    """The experiment `name` with the EXPERIMENT_KIND tags, created with them if missing. Runs that start at once
+    (a sweep's points on two workers) race for a new experiment: creating it with its tags leaves no second write
+    to collide (the server refused one run's tag insert as a duplicate key: tests/test_tracking.py); an older
+    experiment without the tags gets them, a concurrent run's identical tag accepted."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another run created it first
+                raise
+        exp = client.get_experiment_by_name(name)
+    for key, value in EXPERIMENT_KIND.items():
+        if exp.tags.get(key) != value:
+            try:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:
+                if client.get_experiment(exp.experiment_id).tags.get(key) != value:
+                    raise
+    return exp
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     """Nested params, flattened to dotted keys (values cut at MLflow's 6000 characters)."""
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flatten(params).items()])
@@ -227,10 +250,7 @@ class MlflowTracker:
                     f"in the tracking store {self.uri} (was MLFLOW_TRACKING_URI changed?); set it back, or delete "
                     f"mlflow_run.json in the run's checkpoint directory to continue in a new MLflow run") from None
         if run_id is None:
-            exp = mlflow.set_experiment(experiment)
-            for key, value in EXPERIMENT_KIND.items():
-                if key not in exp.tags:
-                    self.client.set_experiment_tag(exp.experiment_id, key, value)
+            exp = experiment_of_kind(self.client, experiment)
             run = self.client.create_run(exp.experiment_id, run_name=run_name, tags=tags | source_tags())
             run_id, experiment_id = run.info.run_id, exp.experiment_id
             log_params(self.client, run_id, params)

@@ -18,7 +18,7 @@ from conftest import NO_MLFLOW_MODEL, free_port, run_env, stage_command, start_m
 from dddm.checkpoint import load_model
 from dddm.pixels import image_grid, to_uint8
 from dddm.compute import threads_per_process
-from dddm.tracking import flatten
+from dddm.tracking import EXPERIMENT_KIND, experiment_of_kind, flatten
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,18 @@ def kill_server(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), free_port())
-    yield uri
+def mlflow_store(tmp_path_factory):
+    """(the server's store directory, its URI): a tracking server on loopback for the module's tests."""
+    root = tmp_path_factory.mktemp("mlflow")
+    proc, uri = start_mlflow_server(root, free_port())
+    yield root, uri
     os.killpg(proc.pid, signal.SIGTERM)  # its job runner and consumers too (they outlive the server's own exit)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_store):
+    return mlflow_store[1]
 
 
 def stage(repo, name, uri):
@@ -123,6 +130,40 @@ def test_a_run_logs_params_tags_metrics_grids_and_model(tiny_copy, mlflow_server
     assert evaluation.data.metrics["nfe1/fid_classifier"] == pytest.approx(scores["nfe1"]["fid_classifier"])
     linked = {m.key: (m.value, m.run_id) for m in client.get_logged_model(model.model_id).metrics}  # on the model's page
     assert linked["nfe1/fid_classifier"] == (pytest.approx(scores["nfe1"]["fid_classifier"]), evaluation.info.run_id)
+
+
+@pytest.mark.parametrize("experiment", ["new", "untagged"])
+def test_runs_starting_together_share_the_experiment_and_neither_fails_on_its_tag(mlflow_store, experiment):
+    """Two runs starting at once (a sweep's points on two workers; a CI run failed so): both read the experiment,
+    then both write, one after the other, as the test holds the store's write lock while they line up. Before
+    experiment_of_kind the second run's tag was refused ("UNIQUE constraint failed") and its train stage failed."""
+    import sqlite3
+    import threading
+
+    root, uri = mlflow_store
+    name = f"together-{experiment}"
+    if experiment == "untagged":  # made before this project tagged experiments, or by another program
+        MlflowClient(uri).create_experiment(name)
+    store = sqlite3.connect(root / "mlflow.db", isolation_level=None)
+    found, errors = [], []
+
+    def start_run():
+        try:
+            found.append(experiment_of_kind(MlflowClient(uri), name).experiment_id)
+        except Exception as e:  # noqa: BLE001 (the test reports it)
+            errors.append(e)
+
+    store.execute("BEGIN IMMEDIATE")
+    runs = [threading.Thread(target=start_run) for _ in range(2)]
+    for run in runs:
+        run.start()
+    time.sleep(3)  # both reach their write (within SQLite's 5 s busy timeout)
+    store.execute("COMMIT")
+    for run in runs:
+        run.join(60)
+    assert not errors, errors
+    tagged = MlflowClient(uri).get_experiment_by_name(name)
+    assert found == [tagged.experiment_id] * 2 and EXPERIMENT_KIND.items() <= tagged.tags.items()
 
 
 def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(tiny_copy, tmp_path):

@@ -9,6 +9,13 @@ Each process loads a `sitecustomize` module from a temporary directory put first
 other sitecustomize); its atexit hook does the recording, so a process killed by a signal (a server stopped at
 the end of a test, a run killed on purpose) is not counted. Issue 30: the suite's CPU time is mostly these
 processes' start-up and imports.
+
+    python bench/suite_processes.py --acct              # every process, as root with `accton` (Debian's acct)
+
+With --acct the kernel's process accounting records the CPU time of every process that ends, by a signal or
+not, Python or not (git, the compiler torch.compile runs, a forked worker), and each Python process records
+its command line and test as it starts; a process without a record of its own is named by its command and
+counted under its nearest recorded ancestor's test.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,14 +45,72 @@ def _record():
 
 atexit.register(_record)
 '''
+# --acct: each Python process's command line and test, as it starts (the kernel records its CPU time at the end)
+START_RECORDER = '''
+import json, os
+with open(os.environ["SUITE_PROCESSES_LOG"], "a") as f:
+    argv = open("/proc/self/cmdline", "rb").read().decode(errors="replace").split("\\0")[:-1]
+    f.write(json.dumps({"pid": os.getpid(), "argv": argv[1:9],
+                        "test": os.environ.get("PYTEST_CURRENT_TEST", "")}) + "\\n")
+'''
+# struct acct_v3 (linux/acct.h): flag, version, tty, exit code, uid, gid, pid, ppid, begin time, elapsed (float),
+# then utime, stime, mem, io, rw, minflt, majflt, swaps as comp_t, then the command name (16 bytes)
+ACCT_V3 = struct.Struct("<BBHIIIIIIf8H16s")
+AHZ = 100  # comp_t's clock ticks per second
+
+
+def comp_t(value: int) -> int:
+    """A comp_t: a 13-bit mantissa and a 3-bit base-8 exponent."""
+    return (value & 0x1FFF) << (3 * (value >> 13))
+
+
+def accounted(data: bytes) -> list[dict]:
+    """The process accounting file's records (version 3): pid, ppid, CPU seconds, command name."""
+    records = []
+    for offset in range(0, len(data) - ACCT_V3.size + 1, ACCT_V3.size):
+        fields = ACCT_V3.unpack_from(data, offset)
+        if fields[1] != 3:
+            raise ValueError(f"process accounting record version {fields[1]} (this reads version 3)")
+        records.append({"pid": fields[6], "ppid": fields[7], "cpu": (comp_t(fields[10]) + comp_t(fields[11])) / AHZ,
+                        "comm": fields[18].split(b"\0")[0].decode(errors="replace")})
+    return records
+
+
+def joined(acct: list[dict], starts: list[dict]) -> list[dict]:
+    """The accounting records as the report's records: a process with a start record keeps its argv and test;
+    another is named by its command (`[git]`) and takes its nearest recorded ancestor's test."""
+    started = {s["pid"]: s for s in starts}
+    parent = {r["pid"]: r["ppid"] for r in acct}
+    records = []
+    for r in acct:
+        pid, test = r["pid"], ""
+        for _ in range(64):  # up the tree to a recorded ancestor
+            if pid in started:
+                test = started[pid]["test"]
+                break
+            pid = parent.get(pid)
+        own = started.get(r["pid"])
+        records.append({"argv": own["argv"] if own else [f"[{r['comm']}]"], "cpu": r["cpu"], "test": test})
+    return records
 
 
 def kind(argv: list[str]) -> str:
-    """A process's kind: its script's last two path parts (`pipeline/train.py`, `dvc/__main__.py`; Python puts a
-    `-m` module's file there), `-c` for a pytest-xdist worker (execnet's `python -c`)."""
-    if "-m" in argv[:-1]:
-        return "-m " + argv[argv.index("-m") + 1]
-    return "/".join(Path(argv[0] if argv else "?").parts[-2:])
+    """A process's kind from its argv as Python's sys.argv has it (the script's or the `-m` module's file first,
+    `-c` for a pytest-xdist worker) or as its command line has it after the interpreter (--acct: `-m dvc`, a
+    script's path after any options); the script's last two path parts (`pipeline/train.py`)."""
+    if argv[:1] and argv[0].startswith("["):  # a process without a start record: its command name
+        return argv[0]
+    args = iter(argv)
+    for arg in args:
+        if arg == "-m":
+            return "-m " + next(args, "?")
+        if arg == "-c":
+            return "-c"
+        if arg in ("-X", "-W"):
+            next(args, None)
+        elif not arg.startswith("-"):
+            return "/".join(Path(arg).parts[-2:])
+    return "?"
 
 
 def totals(records: list[dict], key) -> list[tuple[str, int, float]]:
@@ -58,7 +124,7 @@ def totals(records: list[dict], key) -> list[tuple[str, int, float]]:
 
 def report(records: list[dict], wall: float, top: int) -> str:
     total = sum(r["cpu"] for r in records)
-    lines = [f"{len(records)} Python processes, {total:.0f} s of CPU, {wall:.0f} s of wall time", "",
+    lines = [f"{len(records)} processes, {total:.0f} s of CPU, {wall:.0f} s of wall time", "",
              "| processes | CPU s | CPU s each | kind |", "|---:|---:|---:|---|"]
     lines += [f"| {n} | {cpu:.1f} | {cpu / n:.2f} | {name} |"
               for name, n, cpu in totals(records, lambda r: kind(r["argv"]))[:top]]
@@ -71,17 +137,27 @@ def report(records: list[dict], wall: float, top: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top", type=int, default=25, help="rows per table")
+    ap.add_argument("--acct", action="store_true", help="every process by the kernel's process accounting (root, accton)")
     ap.add_argument("command", nargs="*", default=["make", "test"], help="the command to measure (after --)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "sitecustomize.py").write_text(RECORDER)
-        log = Path(tmp, "processes.jsonl")
+        Path(tmp, "sitecustomize.py").write_text(START_RECORDER if args.acct else RECORDER)
+        log, pacct = Path(tmp, "processes.jsonl"), Path(tmp, "pacct")
         env = dict(os.environ, SUITE_PROCESSES_LOG=str(log),
                    PYTHONPATH=os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")])))
+        if args.acct:
+            pacct.touch()
+            subprocess.run(["accton", str(pacct)], check=True, capture_output=True)
         start = time.monotonic()
-        done = subprocess.run(args.command, env=env)
-        wall = time.monotonic() - start
+        try:
+            done = subprocess.run(args.command, env=env)
+        finally:
+            wall = time.monotonic() - start
+            if args.acct:
+                subprocess.run(["accton", "off"], check=True, capture_output=True)
         records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        if args.acct:
+            records = joined(accounted(pacct.read_bytes()), records)
     print(report(records, wall, args.top))
     sys.exit(done.returncode)
 

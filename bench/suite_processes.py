@@ -76,6 +76,14 @@ def accounted(data: bytes) -> list[dict]:
     return records
 
 
+def outlived(starts: list[dict], limit_s: float = 60) -> None:
+    """Wait (`limit_s` at most) for the recorded processes that outlive the command to end: the kernel writes a
+    process's record when it ends, and pytest returns before its xdist workers have exited."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and any(Path(f"/proc/{s['pid']}").exists() for s in starts):
+        time.sleep(0.2)
+
+
 def joined(acct: list[dict], starts: list[dict]) -> list[dict]:
     """The accounting records as the report's records: a process with a start record keeps its argv and test;
     another is named by its command (`[git]`) and takes its nearest recorded ancestor's test."""
@@ -137,7 +145,8 @@ def report(records: list[dict], wall: float, top: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top", type=int, default=25, help="rows per table")
-    ap.add_argument("--acct", action="store_true", help="every process by the kernel's process accounting (root, accton)")
+    ap.add_argument("--acct", action="store_true",
+                    help="every process, by the kernel's process accounting (root, accton)")
     ap.add_argument("command", nargs="*", default=["make", "test"], help="the command to measure (after --)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,9 +162,10 @@ def main() -> None:
             done = subprocess.run(args.command, env=env)
         finally:
             wall = time.monotonic() - start
+            records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
             if args.acct:
+                outlived(records)
                 subprocess.run(["accton", "off"], check=True, capture_output=True)
-        records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         if args.acct:
             records = joined(accounted(pacct.read_bytes()), records)
     print(report(records, wall, args.top))

@@ -24,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -149,6 +150,8 @@ def main() -> None:
                     help="every process, by the kernel's process accounting (root, accton)")
     ap.add_argument("command", nargs="*", default=["make", "test"], help="the command to measure (after --)")
     args = ap.parse_args()
+    if args.acct and (os.geteuid() != 0 or not shutil.which("accton")):
+        sys.exit("suite_processes: --acct needs root and accton (Debian: apt-get install acct)")
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "sitecustomize.py").write_text(START_RECORDER if args.acct else RECORDER)
         log, pacct = Path(tmp, "processes.jsonl"), Path(tmp, "pacct")

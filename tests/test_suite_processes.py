@@ -49,3 +49,12 @@ def test_with_acct_every_process_is_counted_python_or_not():
     assert done.returncode == 0, done.stderr
     assert any(line.startswith("| 2 | ") and line.endswith("| -m json.tool |") for line in done.stdout.splitlines())
     assert any(line.startswith("| 1 | ") and line.endswith("| [git] |") for line in done.stdout.splitlines())
+
+
+def test_acct_without_accton_is_one_line_before_the_command_runs(tmp_path):
+    marker = tmp_path / "ran"
+    command = [sys.executable, str(ROOT / "bench/suite_processes.py"), "--acct", "--", "touch", str(marker)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.path.dirname(sys.executable)})  # no sbin: no accton
+    assert done.returncode == 1 and not marker.exists()
+    assert done.stderr == "suite_processes: --acct needs root and accton (Debian: apt-get install acct)\n"

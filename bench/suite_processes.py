@@ -58,6 +58,7 @@ with open(os.environ["SUITE_PROCESSES_LOG"], "a") as f:
 # then utime, stime, mem, io, rw, minflt, majflt, swaps as comp_t, then the command name (16 bytes)
 ACCT_V3 = struct.Struct("<BBHIIIIIIf8H16s")
 AHZ = 100  # comp_t's clock ticks per second
+ACCT_RUN = "SUITE_PROCESSES_ACCT"  # set for the command of an --acct run
 
 
 def comp_t(value: int) -> int:
@@ -150,6 +151,9 @@ def main() -> None:
                     help="every process, by the kernel's process accounting (root, accton)")
     ap.add_argument("command", nargs="*", default=["make", "test"], help="the command to measure (after --)")
     args = ap.parse_args()
+    if args.acct and os.environ.get(ACCT_RUN):
+        # the kernel keeps one accounting file: a nested run's `accton off` would end the outer run's records
+        sys.exit("suite_processes: --acct inside another --acct run (the kernel keeps one accounting file)")
     if args.acct and (os.geteuid() != 0 or not shutil.which("accton")):
         sys.exit("suite_processes: --acct needs root and accton (Debian: apt-get install acct)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,6 +161,8 @@ def main() -> None:
         log, pacct = Path(tmp, "processes.jsonl"), Path(tmp, "pacct")
         env = dict(os.environ, SUITE_PROCESSES_LOG=str(log),
                    PYTHONPATH=os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")])))
+        if args.acct:
+            env[ACCT_RUN] = "1"
         if args.acct:
             pacct.touch()
             subprocess.run(["accton", str(pacct)], check=True, capture_output=True)

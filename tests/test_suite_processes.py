@@ -42,6 +42,8 @@ def test_accounting_records_are_read_and_each_process_is_named_and_put_under_its
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("accton"),
                     reason="process accounting needs root and accton (Debian's acct); the test above reads its records")
+@pytest.mark.skipif(bool(os.environ.get("SUITE_PROCESSES_ACCT")),
+                    reason="inside an --acct run: the kernel keeps one accounting file, which that run holds")
 def test_with_acct_every_process_is_counted_python_or_not():
     command = [sys.executable, str(ROOT / "bench/suite_processes.py"), "--acct", "--", sys.executable, "-c",
                CHILDREN + "; subprocess.run(['git', '--version'], capture_output=True)"]
@@ -58,3 +60,12 @@ def test_acct_without_accton_is_one_line_before_the_command_runs(tmp_path):
                           env={"PATH": os.path.dirname(sys.executable)})  # no sbin: no accton
     assert done.returncode == 1 and not marker.exists()
     assert done.stderr == "suite_processes: --acct needs root and accton (Debian: apt-get install acct)\n"
+
+
+def test_acct_inside_an_acct_run_is_refused_leaving_the_outer_run_s_accounting_on(tmp_path):
+    marker = tmp_path / "ran"
+    command = [sys.executable, str(ROOT / "bench/suite_processes.py"), "--acct", "--", "touch", str(marker)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, SUITE_PROCESSES_ACCT="1"))
+    assert done.returncode == 1 and not marker.exists()
+    assert done.stderr == "suite_processes: --acct inside another --acct run (the kernel keeps one accounting file)\n"

@@ -168,7 +168,7 @@ def experiment_of_kind(client: MlflowClient, name: str) -> mlflow.entities.Exper
     """The experiment `name` with the EXPERIMENT_KIND tags, created with them if missing. Runs that start at once
     (a sweep's points on two workers) race for a new experiment: creating it with its tags leaves no second write
     to collide (the server refused one run's tag insert as a duplicate key: tests/test_tracking.py); an older
-    experiment without the tags gets them, a concurrent run's identical tag accepted."""
+    experiment without the tags gets them, a concurrent run's tag accepted (a tag a user changed is kept)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -178,11 +178,11 @@ def experiment_of_kind(client: MlflowClient, name: str) -> mlflow.entities.Exper
                 raise
         exp = client.get_experiment_by_name(name)
     for key, value in EXPERIMENT_KIND.items():
-        if exp.tags.get(key) != value:
+        if key not in exp.tags:
             try:
                 client.set_experiment_tag(exp.experiment_id, key, value)
             except mlflow.exceptions.MlflowException:
-                if client.get_experiment(exp.experiment_id).tags.get(key) != value:
+                if key not in client.get_experiment(exp.experiment_id).tags:
                     raise
     return exp
 

@@ -166,6 +166,14 @@ def test_runs_starting_together_share_the_experiment_and_neither_fails_on_its_ta
     assert found == [tagged.experiment_id] * 2 and EXPERIMENT_KIND.items() <= tagged.tags.items()
 
 
+def test_an_experiment_kind_a_user_chose_is_kept(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    assert experiment_of_kind(client, "chosen").tags["mlflow.experimentKind"] == "genai_development"
+    assert client.get_experiment_by_name("chosen").tags["mlflow.experimentKind"] == "genai_development"
+    assert experiment_of_kind(client, "new").tags == EXPERIMENT_KIND
+
+
 def test_a_tracking_server_down_at_the_score_stage_is_one_warning_and_the_stage_succeeds(tiny_copy, tmp_path):
     """The issue's trial: the server stopped after training; the score stage wrote metrics.json, then its
     TrackingUnavailable failed the stage (and `dvc repro`, and the flow)."""

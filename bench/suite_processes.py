@@ -163,7 +163,6 @@ def main() -> None:
                    PYTHONPATH=os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")])))
         if args.acct:
             env[ACCT_RUN] = "1"
-        if args.acct:
             pacct.touch()
             subprocess.run(["accton", str(pacct)], check=True, capture_output=True)
         start = time.monotonic()

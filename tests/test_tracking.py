@@ -159,6 +159,7 @@ def test_runs_starting_together_share_the_experiment_and_neither_fails_on_its_ta
         run.start()
     time.sleep(3)  # both reach their write (within SQLite's 5 s busy timeout)
     store.execute("COMMIT")
+    store.close()
     for run in runs:
         run.join(60)
     assert not errors, errors
